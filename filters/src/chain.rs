@@ -1,0 +1,57 @@
+//! An ordered list of filters built from config.
+
+use crate::registry::FilterConfig;
+use crate::{Filter, FilterState, Headers, Rejection};
+
+/// The configured filters, run in order for every proxied request.
+pub struct Chain {
+    filters: Vec<Box<dyn Filter>>,
+}
+
+impl Chain {
+    pub fn from_config(configs: &[FilterConfig]) -> Self {
+        Chain {
+            filters: configs.iter().map(FilterConfig::build).collect(),
+        }
+    }
+
+    /// Names in order, for logs and `--check`.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.filters.iter().map(|f| f.name()).collect()
+    }
+
+    /// Run every filter; the first rejection stops the chain.
+    pub fn run(&self, headers: &mut dyn Headers) -> Result<FilterState, (FilterState, Rejection)> {
+        let mut state = FilterState::default();
+        for filter in &self.filters {
+            if let Err(rejection) = filter.on_request(headers, &mut state) {
+                return Err((state, rejection));
+            }
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::VecHeaders;
+    use crate::RequestIdConfig;
+
+    #[test]
+    fn empty_chain_passes_and_sets_nothing() {
+        let chain = Chain::from_config(&[]);
+        let mut headers = VecHeaders::default();
+        let state = chain.run(&mut headers).map_err(|(_, r)| r);
+        assert_eq!(state.map(|s| s.request_id), Ok(None));
+    }
+
+    #[test]
+    fn chain_runs_configured_filters_in_order() {
+        let chain = Chain::from_config(&[FilterConfig::RequestId(RequestIdConfig::default())]);
+        assert_eq!(chain.names(), vec!["request_id"]);
+        let mut headers = VecHeaders::default();
+        let state = chain.run(&mut headers).map_err(|(_, r)| r);
+        assert!(matches!(state, Ok(s) if s.request_id.is_some()));
+    }
+}

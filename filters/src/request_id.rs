@@ -1,0 +1,112 @@
+//! `request_id`: every request runs under an id, the client's when it sent a
+//! sane one, a fresh UUID otherwise. The id goes upstream in the same header
+//! and comes back on every response, errors included.
+
+use crate::{Filter, FilterState, Headers, Rejection};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestIdConfig {
+    /// Header carrying the id, in both directions.
+    pub header: String,
+}
+
+impl Default for RequestIdConfig {
+    fn default() -> Self {
+        RequestIdConfig {
+            header: "x-request-id".to_string(),
+        }
+    }
+}
+
+pub struct RequestId {
+    header: &'static str,
+}
+
+impl RequestId {
+    pub fn new(config: RequestIdConfig) -> Self {
+        // Header names live for the whole process; leaking one small string per
+        // configured filter lets the hot path use `&'static str` without copies.
+        let header: &'static str = Box::leak(config.header.to_ascii_lowercase().into_boxed_str());
+        RequestId { header }
+    }
+}
+
+/// A client id is kept only if it is short and made of safe characters, so it
+/// can be logged and forwarded without escaping.
+fn acceptable(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+impl Filter for RequestId {
+    fn name(&self) -> &'static str {
+        "request_id"
+    }
+
+    fn on_request(
+        &self,
+        headers: &mut dyn Headers,
+        state: &mut FilterState,
+    ) -> Result<(), Rejection> {
+        let id = match headers.get(self.header) {
+            Some(given) if acceptable(given) => given.to_string(),
+            _ => {
+                let fresh = uuid::Uuid::new_v4().to_string();
+                headers.set(self.header, &fresh);
+                fresh
+            }
+        };
+        state.response_headers.push((self.header, id.clone()));
+        state.request_id = Some(id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::VecHeaders;
+
+    fn run(headers: &mut VecHeaders) -> FilterState {
+        let mut state = FilterState::default();
+        let filter = RequestId::new(RequestIdConfig::default());
+        assert_eq!(filter.on_request(headers, &mut state), Ok(()));
+        state
+    }
+
+    #[test]
+    fn keeps_a_clean_client_id() {
+        let mut headers = VecHeaders(vec![("X-Request-Id".into(), "abc-123".into())]);
+        let state = run(&mut headers);
+        assert_eq!(state.request_id.as_deref(), Some("abc-123"));
+        assert_eq!(
+            state.response_headers,
+            vec![("x-request-id", "abc-123".to_string())]
+        );
+    }
+
+    #[test]
+    fn replaces_a_missing_or_unsafe_id_upstream_too() {
+        for given in [None, Some("has space"), Some("")] {
+            let mut headers = VecHeaders::default();
+            if let Some(g) = given {
+                headers.0.push(("x-request-id".into(), g.into()));
+            }
+            let state = run(&mut headers);
+            let id = state.request_id.unwrap_or_default();
+            assert_eq!(id.len(), 36, "a UUID is generated for {given:?}");
+            assert_eq!(headers.get("x-request-id"), Some(id.as_str()));
+        }
+    }
+
+    #[test]
+    fn rejects_overlong_ids() {
+        assert!(!acceptable(&"a".repeat(129)));
+        assert!(acceptable(&"a".repeat(128)));
+    }
+}

@@ -1,0 +1,354 @@
+//! Request routing, body reading and common response headers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::body::{error_response, full, json_response, MockBody, TEXT_PLAIN};
+use crate::inference::{respond, Endpoint};
+use crate::state::{InflightGuard, LastRequest, State};
+
+static X_MOCK_INSTANCE: HeaderName = HeaderName::from_static("x-mock-instance");
+static X_MOCK_BODY_BYTES: HeaderName = HeaderName::from_static("x-mock-body-bytes");
+static X_MOCK_BODY_SHA256: HeaderName = HeaderName::from_static("x-mock-body-sha256");
+static X_MOCK_REQUEST_ID: HeaderName = HeaderName::from_static("x-mock-request-id");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Largest pre-allocation made from a Content-Length header.
+const MAX_PREALLOC: usize = 256 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Route {
+    Inference(Endpoint),
+    Models,
+    Health,
+    Metrics,
+    MockHealth,
+    MockStats,
+    MockLastRequest,
+    WrongMethod(&'static str),
+    NotFound,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    let (target, allowed) = match path {
+        "/health" => (Route::Health, Method::GET),
+        "/metrics" => (Route::Metrics, Method::GET),
+        "/mock/health" => (Route::MockHealth, Method::POST),
+        "/mock/stats" => (Route::MockStats, Method::GET),
+        "/mock/last-request" => (Route::MockLastRequest, Method::GET),
+        _ => {
+            let p = match path.strip_prefix("/v1") {
+                Some(rest) if rest.starts_with('/') => rest,
+                _ => path,
+            };
+            match p {
+                "/chat/completions" => (Route::Inference(Endpoint::Chat), Method::POST),
+                "/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
+                "/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
+                "/models" => (Route::Models, Method::GET),
+                _ => return Route::NotFound,
+            }
+        }
+    };
+    if *method == allowed || (allowed == Method::GET && *method == Method::HEAD) {
+        target
+    } else if allowed == Method::GET {
+        Route::WrongMethod("GET, HEAD")
+    } else {
+        Route::WrongMethod("POST")
+    }
+}
+
+struct ReceivedBody {
+    data: Bytes,
+    sha256: String,
+}
+
+async fn read_body(body: Incoming, size_hint: usize) -> Result<ReceivedBody, hyper::Error> {
+    let mut body = body;
+    let mut hasher = Sha256::new();
+    let mut first: Option<Bytes> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        hasher.update(&data);
+        match first.take() {
+            // Keep a single-chunk body without copying it.
+            None if buf.is_empty() => first = Some(data),
+            Some(prev) => {
+                buf.reserve(size_hint.min(MAX_PREALLOC).max(prev.len() + data.len()));
+                buf.extend_from_slice(&prev);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+    }
+    let data = match first {
+        Some(b) => b,
+        None => Bytes::from(buf),
+    };
+    Ok(ReceivedBody {
+        data,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody> {
+    let (parts, body) = req.into_parts();
+    let route = route(&parts.method, parts.uri.path());
+    let guard = match route {
+        Route::Inference(_) => Some(InflightGuard::new(state.clone())),
+        _ => None,
+    };
+    let received = if parts.method == Method::POST {
+        let hint = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        match read_body(body, hint).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::debug!("failed to read request body: {e}");
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("failed to read request body: {e}"),
+                    "BadRequestError",
+                    None,
+                    state.cfg.flat_errors,
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let flat = state.cfg.flat_errors;
+
+    let mut resp = match (route, guard) {
+        (Route::Inference(ep), Some(guard)) => {
+            let (data, sha) = match &received {
+                Some(r) => (r.data.clone(), r.sha256.clone()),
+                None => (Bytes::new(), String::new()),
+            };
+            inference(&state, ep, &parts, data, sha, guard).await
+        }
+        (Route::Models, _) => {
+            let data: Vec<Value> = state
+                .models
+                .iter()
+                .map(|m| {
+                    json!({"id": m.name, "object": "model", "created": state.cfg.start_unix,
+                           "owned_by": "mock-engine", "root": m.name, "parent": null})
+                })
+                .collect();
+            json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+        }
+        (Route::Health, _) => {
+            state.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+            if state.healthy.load(Ordering::Relaxed) {
+                json_response(StatusCode::OK, &json!({"status": "ok"}))
+            } else {
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unhealthy",
+                    "unavailable",
+                    None,
+                    flat,
+                )
+            }
+        }
+        (Route::Metrics, _) => full(
+            StatusCode::OK,
+            &TEXT_PLAIN,
+            Bytes::from(state.metrics_text()),
+        ),
+        (Route::MockHealth, _) => {
+            let body = received
+                .as_ref()
+                .map(|r| r.data.clone())
+                .unwrap_or_default();
+            match serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("healthy").and_then(Value::as_bool))
+            {
+                Some(h) => {
+                    state.healthy.store(h, Ordering::Relaxed);
+                    log::info!("health set to {h}");
+                    json_response(StatusCode::OK, &json!({"healthy": h}))
+                }
+                None => error_response(
+                    StatusCode::BAD_REQUEST,
+                    "expected {\"healthy\": true|false}",
+                    "BadRequestError",
+                    Some("healthy"),
+                    flat,
+                ),
+            }
+        }
+        (Route::MockStats, _) => json_response(StatusCode::OK, &state.stats_json()),
+        (Route::MockLastRequest, _) => json_response(StatusCode::OK, &state.last_request_json()),
+        (Route::WrongMethod(allow), _) => {
+            let mut r = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method Not Allowed",
+                "MethodNotAllowed",
+                None,
+                flat,
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            r
+        }
+        (Route::NotFound, _) | (Route::Inference(_), None) => error_response(
+            StatusCode::NOT_FOUND,
+            &format!("Not Found: {}", parts.uri.path()),
+            "NotFoundError",
+            None,
+            flat,
+        ),
+    };
+
+    let h = resp.headers_mut();
+    h.insert(X_MOCK_INSTANCE.clone(), state.cfg.instance.clone());
+    if let Some(r) = &received {
+        h.insert(X_MOCK_BODY_BYTES.clone(), HeaderValue::from(r.data.len()));
+        if let Ok(v) = HeaderValue::from_str(&r.sha256) {
+            h.insert(X_MOCK_BODY_SHA256.clone(), v);
+        }
+    }
+    if let Some(id) = parts.headers.get(&X_REQUEST_ID) {
+        h.insert(X_MOCK_REQUEST_ID.clone(), id.clone());
+    }
+    resp
+}
+
+async fn inference(
+    state: &Arc<State>,
+    ep: Endpoint,
+    parts: &hyper::http::request::Parts,
+    data: Bytes,
+    sha256: String,
+    guard: InflightGuard,
+) -> Response<MockBody> {
+    let flat = state.cfg.flat_errors;
+    let parsed = serde_json::from_slice::<Value>(&data);
+    let model = match &parsed {
+        Ok(v) => v.get("model").and_then(Value::as_str).map(str::to_owned),
+        Err(_) => None,
+    };
+    state.set_last_request(LastRequest {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers.clone(),
+        body_bytes: data.len(),
+        body_sha256: sha256,
+        model,
+    });
+
+    if state.cfg.hang {
+        // Never answer; the guard counts a cancellation when the client leaves.
+        std::future::pending::<()>().await;
+    }
+    if let Some(code) = state.injected_failure() {
+        guard.finish();
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error_response(status, "mock failure", "InternalServerError", None, flat);
+    }
+    let req = match parsed {
+        Ok(v) if v.is_object() => v,
+        Ok(_) => {
+            guard.finish();
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "request body must be a JSON object",
+                "BadRequestError",
+                None,
+                flat,
+            );
+        }
+        Err(e) => {
+            guard.finish();
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid JSON body: {e}"),
+                "BadRequestError",
+                None,
+                flat,
+            );
+        }
+    };
+    let model_field = match req.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(other) => {
+            guard.finish();
+            let msg = format!("The model `{other}` does not exist.");
+            return error_response(
+                StatusCode::NOT_FOUND,
+                &msg,
+                "NotFoundError",
+                Some("model"),
+                flat,
+            );
+        }
+    };
+    let Some(idx) = state.model_index(model_field) else {
+        guard.finish();
+        let msg = format!("The model `{}` does not exist.", model_field.unwrap_or(""));
+        return error_response(
+            StatusCode::NOT_FOUND,
+            &msg,
+            "NotFoundError",
+            Some("model"),
+            flat,
+        );
+    };
+    respond(ep, &req, idx, guard).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing() {
+        let post = Method::POST;
+        let get = Method::GET;
+        assert_eq!(
+            route(&post, "/v1/chat/completions"),
+            Route::Inference(Endpoint::Chat)
+        );
+        assert_eq!(
+            route(&post, "/chat/completions"),
+            Route::Inference(Endpoint::Chat)
+        );
+        assert_eq!(
+            route(&post, "/v1/completions"),
+            Route::Inference(Endpoint::Completions)
+        );
+        assert_eq!(
+            route(&post, "/embeddings"),
+            Route::Inference(Endpoint::Embeddings)
+        );
+        assert_eq!(route(&get, "/v1/models"), Route::Models);
+        assert_eq!(
+            route(&get, "/v1/chat/completions"),
+            Route::WrongMethod("POST")
+        );
+        assert_eq!(route(&post, "/health"), Route::WrongMethod("GET, HEAD"));
+        assert_eq!(route(&get, "/v1x/models"), Route::NotFound);
+        assert_eq!(route(&get, "/nope"), Route::NotFound);
+    }
+}

@@ -1,0 +1,349 @@
+//! Shared server state: configuration, counters, health flag, error injection
+//! and the record of the last inference request.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::header::HeaderValue;
+use hyper::{HeaderMap, Method};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+
+/// Immutable configuration derived from the command line.
+pub struct Config {
+    pub instance: HeaderValue,
+    pub ttft: Duration,
+    pub token_interval: Duration,
+    pub tokens: u32,
+    pub fail_status: Option<u16>,
+    pub error_rate: Option<f64>,
+    pub drop_after_chunks: Option<u32>,
+    pub hang: bool,
+    pub flat_errors: bool,
+    pub start_unix: u64,
+}
+
+/// Per-model counters (exported on /metrics with a `model_name` label).
+pub struct ModelStats {
+    pub name: String,
+    pub running: AtomicI64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+}
+
+/// Global counters, exposed on /mock/stats.
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub active: AtomicI64,
+    pub cancelled: AtomicU64,
+    pub aborted_streams: AtomicU64,
+    pub dropped_streams: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub health_checks: AtomicU64,
+}
+
+/// What /mock/last-request reports.
+pub struct LastRequest {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body_bytes: usize,
+    pub body_sha256: String,
+    pub model: Option<String>,
+}
+
+pub struct State {
+    pub cfg: Config,
+    pub models: Vec<ModelStats>,
+    pub counters: Counters,
+    pub healthy: AtomicBool,
+    pub errors: Option<Mutex<ErrorInjector>>,
+    pub last_request: Mutex<Option<LastRequest>>,
+}
+
+impl State {
+    pub fn new(cfg: Config, models: Vec<String>, healthy: bool, seed: u64) -> Self {
+        let errors = cfg
+            .error_rate
+            .map(|rate| Mutex::new(ErrorInjector::new(rate, seed)));
+        let models = models
+            .into_iter()
+            .map(|name| ModelStats {
+                name,
+                running: AtomicI64::new(0),
+                prompt_tokens: AtomicU64::new(0),
+                generation_tokens: AtomicU64::new(0),
+            })
+            .collect();
+        State {
+            cfg,
+            models,
+            counters: Counters::default(),
+            healthy: AtomicBool::new(healthy),
+            errors,
+            last_request: Mutex::new(None),
+        }
+    }
+
+    /// Index of a served model; `None` for an unknown name. A missing model
+    /// field selects the first served model (as vLLM does).
+    pub fn model_index(&self, name: Option<&str>) -> Option<usize> {
+        match name {
+            None => Some(0),
+            Some(n) => self.models.iter().position(|m| m.name == n),
+        }
+    }
+
+    /// Status code to fail this request with, if failure injection says so.
+    pub fn injected_failure(&self) -> Option<u16> {
+        match &self.errors {
+            Some(inj) => {
+                let mut guard = inj.lock().unwrap_or_else(|e| e.into_inner());
+                if guard.should_fail() {
+                    Some(self.cfg.fail_status.unwrap_or(500))
+                } else {
+                    None
+                }
+            }
+            None => self.cfg.fail_status,
+        }
+    }
+
+    pub fn set_last_request(&self, rec: LastRequest) {
+        let mut guard = self.last_request.lock().unwrap_or_else(|e| e.into_inner());
+        *guard = Some(rec);
+    }
+
+    pub fn last_request_json(&self) -> Value {
+        let guard = self.last_request.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rec) = guard.as_ref() else {
+            return Value::Null;
+        };
+        let mut headers = Map::new();
+        for (name, value) in rec.headers.iter() {
+            let v = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            match headers.get_mut(name.as_str()) {
+                Some(Value::String(prev)) => {
+                    prev.push_str(", ");
+                    prev.push_str(&v);
+                }
+                _ => {
+                    headers.insert(name.as_str().to_owned(), Value::String(v));
+                }
+            }
+        }
+        json!({
+            "method": rec.method.as_str(),
+            "path": rec.path,
+            "query": rec.query,
+            "headers": headers,
+            "body_bytes": rec.body_bytes,
+            "body_sha256": rec.body_sha256,
+            "model": rec.model,
+        })
+    }
+
+    pub fn stats_json(&self) -> Value {
+        let c = &self.counters;
+        let opened = c.connections_opened.load(Ordering::Relaxed);
+        let closed = c.connections_closed.load(Ordering::Relaxed);
+        json!({
+            "requests": c.requests.load(Ordering::Relaxed),
+            "completed": c.completed.load(Ordering::Relaxed),
+            "active": c.active.load(Ordering::Relaxed),
+            "cancelled": c.cancelled.load(Ordering::Relaxed),
+            "aborted_streams": c.aborted_streams.load(Ordering::Relaxed),
+            "dropped_streams": c.dropped_streams.load(Ordering::Relaxed),
+            "connections_opened": opened,
+            "connections_closed": closed,
+            "open_connections": opened.saturating_sub(closed),
+            "health_checks": c.health_checks.load(Ordering::Relaxed),
+        })
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::with_capacity(1024);
+        type Getter = fn(&ModelStats) -> i64;
+        let families: [(&str, &str, &str, Getter); 4] = [
+            (
+                "vllm:num_requests_running",
+                "gauge",
+                "Number of requests currently running.",
+                |m| m.running.load(Ordering::Relaxed),
+            ),
+            (
+                "vllm:num_requests_waiting",
+                "gauge",
+                "Number of requests waiting to be processed.",
+                |_| 0,
+            ),
+            (
+                "vllm:prompt_tokens_total",
+                "counter",
+                "Number of prefill tokens processed.",
+                |m| m.prompt_tokens.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "counter",
+                "Number of generation tokens processed.",
+                |m| m.generation_tokens.load(Ordering::Relaxed) as i64,
+            ),
+        ];
+        for (name, kind, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for m in &self.models {
+                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", m.name, get(m));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mock_requests_total Inference requests received by the mock engine.\n\
+             # TYPE mock_requests_total counter\nmock_requests_total {}",
+            self.counters.requests.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Deterministic failure injection: the same seed yields the same sequence
+/// of decisions.
+pub struct ErrorInjector {
+    rate: f64,
+    rng: StdRng,
+}
+
+impl ErrorInjector {
+    pub fn new(rate: f64, seed: u64) -> Self {
+        ErrorInjector {
+            rate: rate.clamp(0.0, 1.0),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn should_fail(&mut self) -> bool {
+        self.rng.random::<f64>() < self.rate
+    }
+}
+
+/// Tracks one in-flight inference request. Created when the request arrives;
+/// moved into the streaming body for streamed responses. If dropped without
+/// `finish`/`dropped_by_server`, the client went away: counts as cancelled.
+pub struct InflightGuard {
+    state: Arc<State>,
+    model: Option<usize>,
+    streaming: bool,
+    done: bool,
+}
+
+impl InflightGuard {
+    pub fn new(state: Arc<State>) -> Self {
+        state.counters.requests.fetch_add(1, Ordering::Relaxed);
+        state.counters.active.fetch_add(1, Ordering::Relaxed);
+        InflightGuard {
+            state,
+            model: None,
+            streaming: false,
+            done: false,
+        }
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Attribute this request to a served model (for vllm:num_requests_running).
+    pub fn set_model(&mut self, idx: usize) {
+        if self.model.is_none() {
+            if let Some(m) = self.state.models.get(idx) {
+                m.running.fetch_add(1, Ordering::Relaxed);
+                self.model = Some(idx);
+            }
+        }
+    }
+
+    pub fn set_streaming(&mut self) {
+        self.streaming = true;
+    }
+
+    fn close(&mut self) {
+        self.done = true;
+        self.state.counters.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(m) = self.model.and_then(|i| self.state.models.get(i)) {
+            m.running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The response was fully produced.
+    pub fn finish(mut self) {
+        self.finish_in_place();
+    }
+
+    pub fn finish_in_place(&mut self) {
+        if !self.done {
+            self.close();
+            self.state
+                .counters
+                .completed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The server deliberately aborted the stream (--drop-after-chunks).
+    pub fn dropped_by_server(&mut self) {
+        if !self.done {
+            self.close();
+            let c = &self.state.counters;
+            c.dropped_streams.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.close();
+            let c = &self.state.counters;
+            c.cancelled.fetch_add(1, Ordering::Relaxed);
+            if self.streaming {
+                c.aborted_streams.fetch_add(1, Ordering::Relaxed);
+            }
+            log::debug!("request cancelled (streaming: {})", self.streaming);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_injection_is_deterministic() {
+        let mut a = ErrorInjector::new(0.3, 42);
+        let mut b = ErrorInjector::new(0.3, 42);
+        let sa: Vec<bool> = (0..1000).map(|_| a.should_fail()).collect();
+        let sb: Vec<bool> = (0..1000).map(|_| b.should_fail()).collect();
+        assert_eq!(sa, sb);
+        let fails = sa.iter().filter(|f| **f).count();
+        assert!((220..380).contains(&fails), "fails = {fails}");
+        let mut c = ErrorInjector::new(0.3, 43);
+        let sc: Vec<bool> = (0..1000).map(|_| c.should_fail()).collect();
+        assert_ne!(sa, sc);
+    }
+
+    #[test]
+    fn error_injection_extremes() {
+        let mut never = ErrorInjector::new(0.0, 1);
+        let mut always = ErrorInjector::new(1.0, 1);
+        assert!((0..100).all(|_| !never.should_fail()));
+        assert!((0..100).all(|_| always.should_fail()));
+    }
+}

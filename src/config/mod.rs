@@ -1,0 +1,123 @@
+//! Config seam: YAML file → raw serde structs → validated runtime [`Config`].
+//!
+//! Owns parsing and validation and nothing else. Every problem is reported
+//! with its YAML path (`pools[1].backends[0]`), all of them at once, so
+//! `infergate --check` tells an operator everything to fix in one pass.
+//! An invalid file never produces a `Config`.
+
+mod duration;
+mod load;
+mod raw;
+mod validate;
+
+pub use load::{load_file, parse_str};
+
+use infergate_filters::FilterConfig;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// YAML path of the offending value, e.g. `pools[0].balance`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// The validated configuration. Immutable once built.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub timeouts: Timeouts,
+    pub upstream: UpstreamConfig,
+    pub routing: RoutingConfig,
+    pub pools: Vec<PoolConfig>,
+    pub filters: Vec<FilterConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port at start.
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub max_request_body_bytes: u64,
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamConfig {
+    pub keepalive_idle: Duration,
+    pub max_connect_attempts: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub default_pool: Option<String>,
+    pub models_refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastInflight,
+    ConsistentHash,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastInflight => "least_inflight",
+            Balance::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    pub weight: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: usize,
+    pub healthy_after: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub models: Vec<String>,
+    /// public alias → served model name
+    pub aliases: BTreeMap<String, String>,
+    pub backends: Vec<BackendConfig>,
+    pub balance: Balance,
+    pub hash_header: String,
+    pub health_check: HealthCheckConfig,
+    pub discover_models: bool,
+    pub owned_by: String,
+}
+
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 * 1024 * 1024;

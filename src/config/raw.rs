@@ -1,0 +1,79 @@
+//! Raw config: the YAML shape exactly as ops teams write it.
+//!
+//! Every struct rejects unknown keys. Nothing here is validated beyond its
+//! type: `validate.rs` turns these into runtime types and reports every
+//! problem with its YAML path.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub threads: Option<usize>,
+    pub max_request_body_bytes: Option<u64>,
+    pub grace_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<String>,
+    pub first_byte: Option<String>,
+    pub idle: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub keepalive_idle: Option<String>,
+    pub max_connect_attempts: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub default_pool: Option<String>,
+    pub models_refresh_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawBackend {
+    Address(String),
+    Detailed(RawBackendDetail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendDetail {
+    pub address: String,
+    pub weight: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub unhealthy_after: Option<usize>,
+    pub healthy_after: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+    pub backends: Vec<RawBackend>,
+    pub balance: Option<String>,
+    pub hash_header: Option<String>,
+    pub health_check: Option<RawHealthCheck>,
+    pub discover_models: Option<bool>,
+    pub owned_by: Option<String>,
+}

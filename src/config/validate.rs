@@ -1,0 +1,286 @@
+//! Raw config → validated [`Config`], collecting every error with its path.
+
+use super::duration::parse_duration;
+use super::raw::{
+    RawBackend, RawHealthCheck, RawPool, RawRouting, RawServer, RawTimeouts, RawUpstream,
+};
+use super::{
+    BackendConfig, Balance, Config, ConfigError, HealthCheckConfig, PoolConfig, RoutingConfig,
+    ServerConfig, Timeouts, UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
+};
+use infergate_filters::FilterConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+pub struct RawConfig {
+    pub server: RawServer,
+    pub timeouts: RawTimeouts,
+    pub upstream: RawUpstream,
+    pub routing: RawRouting,
+    pub pools: Vec<Option<RawPool>>,
+    pub filters: Vec<Option<FilterConfig>>,
+}
+
+struct Errors<'a>(&'a mut Vec<ConfigError>);
+
+impl Errors<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&String>, default: Duration) -> Duration {
+        match text {
+            None => default,
+            Some(t) => parse_duration(t).unwrap_or_else(|e| {
+                self.push(path, e);
+                default
+            }),
+        }
+    }
+}
+
+pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
+    let mut errs = Errors(errors);
+    let server = validate_server(raw.server, &mut errs);
+    let timeouts = Timeouts {
+        connect: errs.duration("timeouts.connect", raw.timeouts.connect.as_ref(), secs(5)),
+        first_byte: errs.duration(
+            "timeouts.first_byte",
+            raw.timeouts.first_byte.as_ref(),
+            secs(300),
+        ),
+        idle: errs.duration("timeouts.idle", raw.timeouts.idle.as_ref(), secs(120)),
+    };
+    let upstream = validate_upstream(raw.upstream, &mut errs);
+    let pools: Vec<PoolConfig> = raw
+        .pools
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|p| validate_pool(i, p, &mut errs)))
+        .collect();
+    if pools.is_empty() && errs.0.is_empty() {
+        errs.push("pools", "at least one pool is required");
+    }
+    check_names(&pools, &mut errs);
+    let routing = RoutingConfig {
+        default_pool: raw.routing.default_pool.clone(),
+        models_refresh_interval: errs.duration(
+            "routing.models_refresh_interval",
+            raw.routing.models_refresh_interval.as_ref(),
+            secs(10),
+        ),
+    };
+    if let Some(name) = &routing.default_pool {
+        if !pools.iter().any(|p| &p.name == name) {
+            errs.push(
+                "routing.default_pool",
+                format!("no pool is named `{name}`; it must be one of the `pools[].name`"),
+            );
+        }
+    }
+    Config {
+        server,
+        timeouts,
+        upstream,
+        routing,
+        pools,
+        filters: raw.filters.into_iter().flatten().collect(),
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
+    let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string());
+    let listen = resolve(&listen_text).unwrap_or_else(|e| {
+        errs.push("server.listen", e);
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    });
+    let threads = raw.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        errs.push("server.threads", "must be at least 1");
+    }
+    let max_body = raw
+        .max_request_body_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+    if max_body == 0 {
+        errs.push("server.max_request_body_bytes", "must be at least 1");
+    }
+    ServerConfig {
+        listen,
+        threads: threads.max(1),
+        max_request_body_bytes: max_body,
+        grace_period: errs.duration("server.grace_period", raw.grace_period.as_ref(), secs(5)),
+    }
+}
+
+fn validate_upstream(raw: RawUpstream, errs: &mut Errors) -> UpstreamConfig {
+    let attempts = raw.max_connect_attempts.unwrap_or(3);
+    if attempts == 0 {
+        errs.push("upstream.max_connect_attempts", "must be at least 1");
+    }
+    UpstreamConfig {
+        keepalive_idle: errs.duration(
+            "upstream.keepalive_idle",
+            raw.keepalive_idle.as_ref(),
+            secs(4),
+        ),
+        max_connect_attempts: attempts.max(1),
+    }
+}
+
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| format!("`{text}` is not a `host:port` address that resolves"))
+}
+
+fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
+    let at = format!("pools[{i}]");
+    if raw.name.trim().is_empty() {
+        errs.push(format!("{at}.name"), "must not be empty");
+    }
+    for (j, m) in raw.models.iter().enumerate() {
+        if m.trim().is_empty() {
+            errs.push(format!("{at}.models[{j}]"), "model names must not be empty");
+        }
+    }
+    for (alias, target) in &raw.aliases {
+        if !raw.models.contains(target) {
+            errs.push(
+                format!("{at}.aliases.{alias}"),
+                format!("points to `{target}`, which is not in this pool's `models`"),
+            );
+        }
+    }
+    let backends = validate_backends(&at, raw.backends, errs);
+    let balance = match raw.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_inflight") => Balance::LeastInflight,
+        Some("consistent_hash") => Balance::ConsistentHash,
+        Some(other) => {
+            errs.push(
+                format!("{at}.balance"),
+                format!("`{other}` is not one of: round_robin, least_inflight, consistent_hash"),
+            );
+            Balance::RoundRobin
+        }
+    };
+    let hash_header = raw
+        .hash_header
+        .unwrap_or_else(|| "x-session-id".to_string())
+        .to_ascii_lowercase();
+    if http::HeaderName::from_bytes(hash_header.as_bytes()).is_err() {
+        errs.push(format!("{at}.hash_header"), "is not a valid header name");
+    }
+    PoolConfig {
+        health_check: validate_health(&at, raw.health_check.unwrap_or_default(), errs),
+        name: raw.name,
+        models: raw.models,
+        aliases: raw.aliases,
+        backends,
+        balance,
+        hash_header,
+        discover_models: raw.discover_models.unwrap_or(true),
+        owned_by: raw.owned_by.unwrap_or_else(|| "infergate".to_string()),
+    }
+}
+
+fn validate_backends(at: &str, raw: Vec<RawBackend>, errs: &mut Errors) -> Vec<BackendConfig> {
+    if raw.is_empty() {
+        errs.push(format!("{at}.backends"), "at least one backend is required");
+    }
+    let mut out: Vec<BackendConfig> = Vec::new();
+    for (j, b) in raw.into_iter().enumerate() {
+        let (address, weight) = match b {
+            RawBackend::Address(a) => (a, 1),
+            RawBackend::Detailed(d) => (d.address, d.weight.unwrap_or(1)),
+        };
+        let path = format!("{at}.backends[{j}]");
+        if weight == 0 {
+            errs.push(format!("{path}.weight"), "must be at least 1");
+        }
+        match resolve(&address) {
+            Ok(addr) if out.iter().any(|b| b.address == addr) => {
+                errs.push(path, format!("`{address}` is listed twice in this pool"))
+            }
+            Ok(addr) => out.push(BackendConfig {
+                address: addr,
+                weight: weight.max(1),
+            }),
+            Err(e) => errs.push(path, e),
+        }
+    }
+    out
+}
+
+fn validate_health(at: &str, raw: RawHealthCheck, errs: &mut Errors) -> HealthCheckConfig {
+    let at = format!("{at}.health_check");
+    let path = raw.path.unwrap_or_else(|| "/health".to_string());
+    if !path.starts_with('/') {
+        errs.push(format!("{at}.path"), "must start with `/`");
+    }
+    let unhealthy_after = raw.unhealthy_after.unwrap_or(2);
+    let healthy_after = raw.healthy_after.unwrap_or(1);
+    if unhealthy_after == 0 {
+        errs.push(format!("{at}.unhealthy_after"), "must be at least 1");
+    }
+    if healthy_after == 0 {
+        errs.push(format!("{at}.healthy_after"), "must be at least 1");
+    }
+    HealthCheckConfig {
+        path,
+        interval: errs.duration(&format!("{at}.interval"), raw.interval.as_ref(), secs(2)),
+        timeout: errs.duration(&format!("{at}.timeout"), raw.timeout.as_ref(), secs(1)),
+        unhealthy_after: unhealthy_after.max(1),
+        healthy_after: healthy_after.max(1),
+    }
+}
+
+/// Pool names are unique; a public model name (served or alias) belongs to one pool.
+fn check_names(pools: &[PoolConfig], errs: &mut Errors) {
+    let mut pool_names: HashMap<&str, usize> = HashMap::new();
+    let mut owners: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+    for (i, pool) in pools.iter().enumerate() {
+        if let Some(first) = pool_names.insert(&pool.name, i) {
+            errs.push(
+                format!("pools[{i}].name"),
+                format!("`{}` is already the name of pools[{first}]", pool.name),
+            );
+        }
+        let names = pool
+            .models
+            .iter()
+            .map(|m| (m.as_str(), "models"))
+            .chain(pool.aliases.keys().map(|a| (a.as_str(), "aliases")));
+        for (name, kind) in names {
+            match owners.get(name) {
+                Some((j, _)) if *j == i => errs.push(
+                    format!("pools[{i}].{kind}"),
+                    format!("`{name}` is listed twice in this pool"),
+                ),
+                Some((j, _)) => errs.push(
+                    format!("pools[{i}].{kind}"),
+                    format!("`{name}` is already served by pools[{j}]; a model name belongs to one pool"),
+                ),
+                None => {
+                    owners.insert(name, (i, kind));
+                }
+            }
+        }
+    }
+}

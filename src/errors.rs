@@ -1,0 +1,202 @@
+//! Every error a client can see, and the one place that maps it to a status,
+//! an OpenAI-shaped body, a log level and a metric label.
+//!
+//! Messages state what was wrong and how to fix it; they never echo a secret.
+//! The match in [`GatewayError::spec`] has no wildcard arm on purpose: a new
+//! variant must decide its own status.
+
+use infergate_filters::Rejection;
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    /// The body is not valid JSON (or not UTF-8, or nested too deep).
+    InvalidJson { detail: String },
+    /// The body is JSON but not an object.
+    BodyNotObject,
+    /// The body has no `model`.
+    MissingModel,
+    /// `model` is present but not a string.
+    ModelNotString,
+    /// No pool serves this model (or the caller may not see it).
+    UnknownModel { model: String },
+    /// The path takes another method.
+    MethodNotAllowed { allow: &'static str },
+    /// Nothing is served at this path.
+    UnknownPath { path: String },
+    /// The body is larger than `server.max_request_body_bytes`.
+    BodyTooLarge { limit: u64 },
+    /// The client's body ended early or was malformed on the wire.
+    BodyRead { detail: String },
+    /// Every backend of the pool is unhealthy (or not yet checked).
+    NoHealthyBackend { pool: String },
+    /// Healthy backends exist but none accepted a connection.
+    ConnectFailed { pool: String, attempts: usize },
+    /// The engine did not answer in time.
+    UpstreamTimeout { phase: TimeoutPhase },
+    /// The engine broke the exchange (reset, garbage, early close).
+    UpstreamFailed { detail: String },
+    /// A filter refused the request.
+    Rejected(Rejection),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    Connect,
+    FirstByte,
+    Idle,
+}
+
+impl TimeoutPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Connect => "connect",
+            TimeoutPhase::FirstByte => "first_byte",
+            TimeoutPhase::Idle => "idle",
+        }
+    }
+}
+
+/// Everything the proxy needs to answer and record one error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorSpec {
+    pub status: u16,
+    pub error_type: &'static str,
+    pub code: &'static str,
+    pub param: Option<&'static str>,
+    pub message: String,
+    /// Seconds for `Retry-After`, when a retry can help.
+    pub retry_after: Option<u32>,
+    /// Whether the client connection can be kept (false when the body was not drained).
+    pub keep_alive: bool,
+    pub log_level: log::Level,
+}
+
+const INVALID: &str = "invalid_request_error";
+
+impl GatewayError {
+    pub fn spec(&self) -> ErrorSpec {
+        use GatewayError as E;
+        let (status, error_type, code, param, message) = match self {
+            E::InvalidJson { detail } => (400, INVALID, "invalid_json", None,
+                format!("We could not parse the JSON body of your request ({detail}). Send a JSON object with a `model` field.")),
+            E::BodyNotObject => (400, INVALID, "invalid_json", None,
+                "The request body must be a JSON object, e.g. {\"model\": \"...\", \"messages\": [...]}.".to_string()),
+            E::MissingModel => (400, INVALID, "missing_model", Some("model"),
+                "You must provide a model parameter: add `\"model\": \"<name>\"` to the JSON body (GET /v1/models lists the names).".to_string()),
+            E::ModelNotString => (400, INVALID, "invalid_type", Some("model"),
+                "The `model` parameter must be a string naming a model (GET /v1/models lists them).".to_string()),
+            E::UnknownModel { model } => (404, INVALID, "model_not_found", Some("model"),
+                format!("The model `{}` does not exist or you do not have access to it. GET /v1/models lists the available models.", sanitize(model))),
+            E::MethodNotAllowed { allow } => (405, INVALID, "method_not_allowed", None,
+                format!("This endpoint does not support this method; use {allow}.")),
+            E::UnknownPath { path } => (404, INVALID, "unknown_url", None,
+                format!("Unknown request URL: {}. See the API documentation for the supported endpoints.", sanitize(path))),
+            E::BodyTooLarge { limit } => (413, INVALID, "request_too_large", None,
+                format!("The request body is larger than the gateway's limit of {limit} bytes. Shorten the prompt or ask the operator to raise server.max_request_body_bytes.")),
+            E::BodyRead { detail } => (400, INVALID, "invalid_body", None,
+                format!("The request body could not be read ({detail}).")),
+            E::NoHealthyBackend { pool } => (503, "service_unavailable", "no_healthy_backend", None,
+                format!("No healthy engine is available for this model right now (pool `{pool}`). Retry shortly.")),
+            E::ConnectFailed { pool, attempts } => (503, "service_unavailable", "upstream_unreachable", None,
+                format!("No engine of pool `{pool}` accepted a connection ({attempts} attempts). Retry shortly.")),
+            E::UpstreamTimeout { phase } => (504, "timeout", "upstream_timeout", None,
+                format!("The engine did not respond in time ({} timeout).", phase.as_str())),
+            E::UpstreamFailed { detail } => (502, "upstream_error", "upstream_error", None,
+                format!("The engine failed to complete the request: {detail}.")),
+            E::Rejected(r) => (r.status, r.error_type, r.code, r.param, r.message.clone()),
+        };
+        let retry_after = match self {
+            E::NoHealthyBackend { .. } | E::ConnectFailed { .. } => Some(1),
+            _ => None,
+        };
+        let keep_alive = !matches!(self, E::BodyTooLarge { .. } | E::BodyRead { .. });
+        let log_level = if status >= 500 {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        ErrorSpec {
+            status,
+            error_type,
+            code,
+            param,
+            message,
+            retry_after,
+            keep_alive,
+            log_level,
+        }
+    }
+}
+
+impl ErrorSpec {
+    /// OpenAI's error schema: all four keys, `param` and `code` nullable strings.
+    pub fn body(&self) -> Vec<u8> {
+        openai_error_body(&self.message, self.error_type, self.param, Some(self.code))
+    }
+}
+
+pub fn openai_error_body(
+    message: &str,
+    error_type: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Vec<u8> {
+    json!({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+        .to_string()
+        .into_bytes()
+}
+
+/// Client-supplied text echoed in a message: bounded and printable.
+fn sanitize(text: &str) -> String {
+    let mut out: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_model_is_404_model_not_found_with_param() {
+        let spec = GatewayError::UnknownModel { model: "x".into() }.spec();
+        assert_eq!(
+            (spec.status, spec.code, spec.param),
+            (404, "model_not_found", Some("model"))
+        );
+        let body: serde_json::Value = serde_json::from_slice(&spec.body()).unwrap_or_default();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("`x`")));
+    }
+
+    #[test]
+    fn no_healthy_backend_is_503_with_retry_after() {
+        let spec = GatewayError::NoHealthyBackend {
+            pool: "chat".into(),
+        }
+        .spec();
+        assert_eq!((spec.status, spec.retry_after), (503, Some(1)));
+    }
+
+    #[test]
+    fn oversized_body_closes_the_connection() {
+        let spec = GatewayError::BodyTooLarge { limit: 10 }.spec();
+        assert_eq!((spec.status, spec.keep_alive), (413, false));
+    }
+
+    #[test]
+    fn echoed_model_names_are_bounded_and_stripped() {
+        let spec = GatewayError::UnknownModel {
+            model: format!("a\n{}", "b".repeat(500)),
+        }
+        .spec();
+        assert!(!spec.message.contains('\n'));
+        assert!(spec.message.len() < 400);
+    }
+}

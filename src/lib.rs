@@ -1,0 +1,28 @@
+//! infergate: an OpenAI-compatible gateway for self-hosted LLM engines.
+//!
+//! Map of the seams and the Pingora hooks that call them:
+//!
+//! | hook (src/proxy)      | seam                 | what it decides                           |
+//! |-----------------------|----------------------|-------------------------------------------|
+//! | `request_filter`      | `infergate-filters`  | request id (later: auth, limits)          |
+//! |                       | `proxy::endpoint`    | which endpoint the path names             |
+//! |                       | `catalog`            | `/v1/models`, `/health` answered locally  |
+//! |                       | `proxy::read_body`   | whole body, size limit, 100-continue      |
+//! |                       | `body`               | `model` and its alias rewrite             |
+//! |                       | `routing`            | model → pool → backend (health, balance)  |
+//! |                       | `proxy::forward`     | upstream exchange, streaming, failover    |
+//! | `logging`             | `proxy` (access log) | one line per request, always              |
+//! | background service    | `health`             | health checks, model discovery            |
+//!
+//! `config` turns YAML into a validated [`config::Config`]; `errors` maps every
+//! client-visible error to its status and OpenAI body.
+
+pub mod body;
+pub mod catalog;
+pub mod config;
+pub mod errors;
+pub mod health;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod state;

@@ -1,0 +1,57 @@
+//! The `infergate` command: run the gateway, or check a config file.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "infergate",
+    version,
+    about = "OpenAI-compatible gateway for self-hosted LLM engines"
+)]
+struct Cli {
+    /// YAML config file.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the config, print every error with its YAML path, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let config = match infergate::config::load_file(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{}: {} error(s):", cli.config.display(), errors.len());
+            for e in &errors {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        let models: usize = config
+            .pools
+            .iter()
+            .map(|p| p.models.len() + p.aliases.len())
+            .sum();
+        println!(
+            "{}: OK ({} pools, {} model names, {} backends)",
+            cli.config.display(),
+            config.pools.len(),
+            models,
+            config.pools.iter().map(|p| p.backends.len()).sum::<usize>()
+        );
+        return ExitCode::SUCCESS;
+    }
+    match infergate::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("infergate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Which endpoint a request line names. Pure: method + path in, decision out.
+
+use crate::errors::GatewayError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// chat/completions, completions, embeddings: body `model` routes.
+    Inference(&'static str),
+    ListModels,
+    GetModel(String),
+    GatewayHealth,
+    /// Any other `/v1/*`: body `model` if there is one, else the default pool.
+    OtherV1,
+}
+
+impl Endpoint {
+    /// Closed set of labels for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Inference(name) => name,
+            Endpoint::ListModels => "models",
+            Endpoint::GetModel(_) => "model",
+            Endpoint::GatewayHealth => "health",
+            Endpoint::OtherV1 => "other",
+        }
+    }
+}
+
+const INFERENCE: &[(&str, &str)] = &[
+    ("/v1/chat/completions", "chat_completions"),
+    ("/chat/completions", "chat_completions"),
+    ("/v1/completions", "completions"),
+    ("/completions", "completions"),
+    ("/v1/embeddings", "embeddings"),
+    ("/embeddings", "embeddings"),
+];
+
+pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
+    let path = path.split('?').next().unwrap_or(path);
+    let trimmed = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    if let Some((_, name)) = INFERENCE.iter().find(|(p, _)| *p == trimmed) {
+        return match method {
+            "POST" => Ok(Endpoint::Inference(name)),
+            _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+        };
+    }
+    let get_only = |endpoint: Endpoint| match method {
+        "GET" | "HEAD" => Ok(endpoint),
+        _ => Err(GatewayError::MethodNotAllowed { allow: "GET" }),
+    };
+    match trimmed {
+        "/v1/models" | "/models" => return get_only(Endpoint::ListModels),
+        "/health" => return get_only(Endpoint::GatewayHealth),
+        _ => {}
+    }
+    for prefix in ["/v1/models/", "/models/"] {
+        if let Some(id) = trimmed.strip_prefix(prefix) {
+            return get_only(Endpoint::GetModel(percent_decode(id)));
+        }
+    }
+    if trimmed.starts_with("/v1/") {
+        return Ok(Endpoint::OtherV1);
+    }
+    Err(GatewayError::UnknownPath {
+        path: trimmed.to_string(),
+    })
+}
+
+/// `%2F` → `/` etc. for model ids in paths; invalid escapes stay as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inference_paths_with_and_without_v1() {
+        assert_eq!(
+            classify("POST", "/v1/chat/completions"),
+            Ok(Endpoint::Inference("chat_completions"))
+        );
+        assert_eq!(
+            classify("POST", "/chat/completions?x=1"),
+            Ok(Endpoint::Inference("chat_completions"))
+        );
+        assert_eq!(
+            classify("POST", "/embeddings"),
+            Ok(Endpoint::Inference("embeddings"))
+        );
+        assert_eq!(
+            classify("GET", "/v1/completions"),
+            Err(GatewayError::MethodNotAllowed { allow: "POST" })
+        );
+    }
+
+    #[test]
+    fn model_paths_and_others() {
+        assert_eq!(classify("GET", "/models"), Ok(Endpoint::ListModels));
+        assert_eq!(
+            classify("GET", "/v1/models/Qwen%2FQwen2"),
+            Ok(Endpoint::GetModel("Qwen/Qwen2".into()))
+        );
+        assert_eq!(
+            classify("GET", "/v1/models/org/name"),
+            Ok(Endpoint::GetModel("org/name".into()))
+        );
+        assert_eq!(
+            classify("DELETE", "/v1/models"),
+            Err(GatewayError::MethodNotAllowed { allow: "GET" })
+        );
+        assert_eq!(classify("POST", "/v1/audio/speech"), Ok(Endpoint::OtherV1));
+        assert!(matches!(
+            classify("GET", "/etc/passwd"),
+            Err(GatewayError::UnknownPath { .. })
+        ));
+    }
+
+    #[test]
+    fn percent_decoding_tolerates_bad_escapes() {
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("a%zz"), "a%zz");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+}

@@ -1,0 +1,389 @@
+//! Forwarding one request to an engine and streaming its answer back.
+//!
+//! The body is already in memory (see ADR 0001), so this module owns the
+//! upstream exchange: pick a backend, connect (a refused or timed-out connect
+//! moves on to another backend — nothing was sent yet), write the request,
+//! wait for the first byte, then relay every chunk as it arrives. A client
+//! that goes away at any point drops the engine connection at once, so the
+//! engine stops generating. Nothing is replayed once body bytes may have
+//! reached an engine, except on a pooled keep-alive connection the engine had
+//! already closed (it never saw the request).
+
+use super::ctx::RequestCtx;
+use super::upstream_error;
+use crate::errors::{GatewayError, TimeoutPhase};
+use crate::routing::Pool;
+use crate::state::AppState;
+use bytes::Bytes;
+use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::ErrorType;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tokio::time::timeout;
+
+/// Request headers that describe one hop and must not be forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+];
+
+/// Why the relay stopped early.
+enum Interrupted {
+    ClientGone,
+    Upstream(GatewayError),
+}
+
+/// Forward `body` to a backend of `pool` and relay the response to the client.
+///
+/// `Err` means nothing was written to the client yet and the caller answers
+/// with the error; once the response header went out, failures are handled
+/// here (an SSE error event, or a cut connection).
+pub async fn forward(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    pool: &Pool,
+    body: Bytes,
+) -> Result<(), GatewayError> {
+    let request = upstream_request(session.req_header(), body.len())?;
+    let hash_key = session
+        .req_header()
+        .headers
+        .get(pool.config.hash_header.as_str())
+        .map(|v| v.as_bytes().to_vec());
+    let (mut upstream, peer) = send_request(
+        app,
+        session,
+        ctx,
+        pool,
+        &request,
+        &body,
+        hash_key.as_deref(),
+    )
+    .await?;
+    relay_response(app, session, ctx, &mut upstream).await?;
+    if ctx.client_gone {
+        return Ok(()); // dropping `upstream` closes the engine connection
+    }
+    if upstream.is_body_done() {
+        app.connector
+            .release_http_session(upstream, &peer, Some(app.config.upstream.keepalive_idle))
+            .await;
+    }
+    Ok(())
+}
+
+fn upstream_request(
+    client: &RequestHeader,
+    body_len: usize,
+) -> Result<RequestHeader, GatewayError> {
+    let internal = |e: Box<pingora_error::Error>| GatewayError::UpstreamFailed {
+        detail: format!("could not build the upstream request: {e}"),
+    };
+    let mut req = RequestHeader::build(
+        client.method.clone(),
+        client
+            .uri
+            .path_and_query()
+            .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+        Some(client.headers.len() + 2),
+    )
+    .map_err(internal)?;
+    for (name, value) in client.headers.iter() {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            req.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
+        }
+    }
+    if body_len > 0 || client.method != http::Method::GET {
+        req.insert_header("content-length", body_len.to_string())
+            .map_err(internal)?;
+    }
+    Ok(req)
+}
+
+/// Connect and write the request, moving to another backend when a connect fails.
+async fn send_request(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    pool: &Pool,
+    request: &RequestHeader,
+    body: &Bytes,
+    hash_key: Option<&[u8]>,
+) -> Result<(UpstreamSession, HttpPeer), GatewayError> {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_timeout = false;
+    let mut stale_retries = 0;
+    while tried.len() < app.config.upstream.max_connect_attempts {
+        let Some(guard) = pool.pick_backend(hash_key, &tried) else {
+            break;
+        };
+        let address = guard.state().address;
+        let peer = make_peer(app, address);
+        ctx.backend = Some(address);
+        ctx.inflight = Some(guard);
+        let (mut upstream, reused) = match app.connector.get_http_session(&peer).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                last_timeout = matches!(e.etype(), ErrorType::ConnectTimedout);
+                log::warn!(
+                    "request {}: connect to {address} failed: {e}",
+                    ctx.request_id()
+                );
+                count_error(ctx);
+                tried.push(address);
+                continue;
+            }
+        };
+        let mut req = request.clone();
+        let _ = req.insert_header("host", address.to_string());
+        match write_request(&mut upstream, req, body).await {
+            Ok(()) => return Ok((upstream, peer)),
+            Err(e) if reused && stale_retries < 2 => {
+                // the engine closed this idle pooled connection; it saw nothing
+                log::debug!("stale pooled connection to {address}: {e}; retrying on a new one");
+                stale_retries += 1;
+            }
+            Err(e) => {
+                count_error(ctx);
+                let _ = session; // nothing was written downstream yet
+                return Err(GatewayError::UpstreamFailed {
+                    detail: format!("sending the request failed ({})", e.etype().as_str()),
+                });
+            }
+        }
+    }
+    ctx.inflight = None;
+    if tried.is_empty() {
+        return Err(GatewayError::NoHealthyBackend {
+            pool: pool.name().to_string(),
+        });
+    }
+    if last_timeout {
+        return Err(GatewayError::UpstreamTimeout {
+            phase: TimeoutPhase::Connect,
+        });
+    }
+    Err(GatewayError::ConnectFailed {
+        pool: pool.name().to_string(),
+        attempts: tried.len(),
+    })
+}
+
+fn count_error(ctx: &RequestCtx) {
+    if let Some(guard) = &ctx.inflight {
+        guard
+            .state()
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn make_peer(app: &AppState, address: SocketAddr) -> HttpPeer {
+    let mut peer = HttpPeer::new(address, false, String::new());
+    peer.options.connection_timeout = Some(app.config.timeouts.connect);
+    peer.options.idle_timeout = Some(app.config.upstream.keepalive_idle);
+    peer.options.write_timeout = Some(app.config.timeouts.idle);
+    peer
+}
+
+async fn write_request(
+    upstream: &mut UpstreamSession,
+    req: RequestHeader,
+    body: &Bytes,
+) -> pingora_error::Result<()> {
+    upstream.write_request_header(Box::new(req)).await?;
+    if !body.is_empty() {
+        upstream.write_body(body).await?;
+    }
+    upstream.finish_body().await?;
+    Ok(())
+}
+
+/// Wait for the engine's response header, then relay the body chunk by chunk.
+async fn relay_response(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &mut UpstreamSession,
+) -> Result<(), GatewayError> {
+    let first_byte = app.config.timeouts.first_byte;
+    let read_header = tokio::select! {
+        res = timeout(first_byte, upstream.read_response()) => res,
+        _ = client_closed(session) => {
+            ctx.client_gone = true;
+            log::info!("request {}: client left before the first byte; closing the engine connection", ctx.request_id());
+            return Ok(());
+        }
+    };
+    match read_header {
+        Err(_) => {
+            return Err(GatewayError::UpstreamTimeout {
+                phase: TimeoutPhase::FirstByte,
+            })
+        }
+        Ok(Err(e)) => {
+            count_error(ctx);
+            return Err(GatewayError::UpstreamFailed {
+                detail: format!("no valid response header ({})", e.etype().as_str()),
+            });
+        }
+        Ok(Ok(_)) => {}
+    }
+    ctx.first_byte_at = Some(Instant::now());
+    let Some(header) = upstream.resp_header().cloned() else {
+        return Err(GatewayError::UpstreamFailed {
+            detail: "no response header".into(),
+        });
+    };
+    if header.status.as_u16() >= 400 {
+        return upstream_error::relay_normalised(app, session, ctx, upstream, header).await;
+    }
+    let is_sse = header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let response = downstream_header(&header, ctx)?;
+    ctx.status = response.status.as_u16();
+    if session
+        .write_response_header(Box::new(response), false)
+        .await
+        .is_err()
+    {
+        ctx.client_gone = true;
+        return Ok(());
+    }
+    match relay_body(app, session, ctx, upstream).await {
+        Ok(()) => {
+            if session.write_response_body(None, true).await.is_err() {
+                ctx.client_gone = true;
+            }
+        }
+        Err(Interrupted::ClientGone) => {
+            ctx.client_gone = true;
+            log::info!(
+                "request {}: client left mid-response; closing the engine connection",
+                ctx.request_id()
+            );
+        }
+        Err(Interrupted::Upstream(error)) => end_broken_stream(session, ctx, &error, is_sse).await,
+    }
+    Ok(())
+}
+
+fn downstream_header(
+    upstream: &ResponseHeader,
+    ctx: &RequestCtx,
+) -> Result<ResponseHeader, GatewayError> {
+    let mut header = upstream.clone();
+    for name in ["connection", "keep-alive", "proxy-connection"] {
+        header.remove_header(name);
+    }
+    for (name, value) in &ctx.filters.response_headers {
+        header
+            .insert_header(*name, value.as_str())
+            .map_err(|e| GatewayError::UpstreamFailed {
+                detail: e.to_string(),
+            })?;
+    }
+    Ok(header)
+}
+
+async fn relay_body(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &mut UpstreamSession,
+) -> Result<(), Interrupted> {
+    let idle = app.config.timeouts.idle;
+    let mut watch_client = true;
+    loop {
+        let chunk = tokio::select! {
+            res = timeout(idle, upstream.read_body_bytes()) => res,
+            closed = client_closed(session), if watch_client => {
+                if closed { return Err(Interrupted::ClientGone); }
+                watch_client = false; // pipelined bytes: stop watching, writes will tell
+                continue;
+            }
+        };
+        match chunk {
+            Err(_) => {
+                return Err(Interrupted::Upstream(GatewayError::UpstreamTimeout {
+                    phase: TimeoutPhase::Idle,
+                }))
+            }
+            Ok(Err(e)) => {
+                count_error(ctx);
+                return Err(Interrupted::Upstream(GatewayError::UpstreamFailed {
+                    detail: format!(
+                        "the engine connection broke mid-response ({})",
+                        e.etype().as_str()
+                    ),
+                }));
+            }
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(bytes))) => {
+                ctx.response_bytes += bytes.len();
+                if session
+                    .write_response_body(Some(bytes), false)
+                    .await
+                    .is_err()
+                {
+                    return Err(Interrupted::ClientGone);
+                }
+            }
+        }
+    }
+}
+
+/// The engine failed after the response started. An SSE client gets one
+/// `data: {"error":...}` event and a clean end (no fake `[DONE]`); any other
+/// client gets a cut connection, so it cannot take a truncated body as whole.
+async fn end_broken_stream(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    error: &GatewayError,
+    is_sse: bool,
+) {
+    let spec = error.spec();
+    ctx.error_code = Some(spec.code);
+    log::warn!(
+        "request {}: {} after the response started",
+        ctx.request_id(),
+        spec.message
+    );
+    session.set_keepalive(None);
+    if !is_sse {
+        return;
+    }
+    let mut event = b"data: ".to_vec();
+    event.extend_from_slice(&spec.body());
+    event.extend_from_slice(b"\n\n");
+    let _ = session
+        .write_response_body(Some(Bytes::from(event)), false)
+        .await;
+    let _ = session.write_response_body(None, true).await;
+}
+
+/// Resolves when the client closes its connection (`true`), or sends more
+/// bytes while we answer (`false`, HTTP pipelining).
+async fn client_closed(session: &mut Session) -> bool {
+    session
+        .downstream_session
+        .read_body_or_idle(true)
+        .await
+        .is_err()
+}

@@ -1,0 +1,66 @@
+//! Answers written by the gateway itself: JSON bodies and OpenAI-shaped errors.
+
+use super::ctx::RequestCtx;
+use crate::errors::GatewayError;
+use bytes::Bytes;
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+/// Write a complete JSON response (status, body, the filters' headers).
+pub async fn write_json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    for (name, value) in extra.iter().chain(ctx.filters.response_headers.iter()) {
+        header.insert_header(*name, value.as_str())?;
+    }
+    ctx.status = status;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Answer with the OpenAI error for `error`, and record it on the context.
+pub async fn write_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    error: &GatewayError,
+) -> Result<()> {
+    let spec = error.spec();
+    log::log!(
+        spec.log_level,
+        "request {} failed: {} {} ({})",
+        ctx.request_id(),
+        spec.status,
+        spec.code,
+        spec.message
+    );
+    ctx.error_code = Some(spec.code);
+    let mut extra = Vec::new();
+    if let Some(secs) = spec.retry_after {
+        extra.push(("retry-after", secs.to_string()));
+    }
+    if let GatewayError::MethodNotAllowed { allow } = error {
+        extra.push(("allow", allow.to_string()));
+    }
+    if !spec.keep_alive {
+        // the rest of the body was never read: the connection cannot be reused
+        session.set_keepalive(None);
+        extra.push(("connection", "close".to_string()));
+    }
+    write_json(session, ctx, spec.status, spec.body(), &extra).await
+}

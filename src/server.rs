@@ -1,0 +1,61 @@
+//! Building and running the Pingora server from a validated config.
+
+use crate::config::Config;
+use crate::health::Supervisor;
+use crate::proxy::Gateway;
+use crate::state::AppState;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+/// Port 0 means "any free port": reserve one from the OS now, so the address
+/// can be announced. (Pingora binds its own socket; the gap between releasing
+/// ours and its bind is microseconds.)
+fn concrete_listen(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let probe = TcpListener::bind(addr)?;
+    probe.local_addr()
+}
+
+/// Run until SIGTERM/SIGINT. Never returns normally (Pingora exits the process).
+pub fn run(config: Config) -> Result<(), String> {
+    let listen = concrete_listen(config.server.listen)
+        .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
+    let app = AppState::new(config).map_err(|e| format!("cannot build pools: {e}"))?;
+    let conf = ServerConf {
+        threads: app.config.server.threads,
+        grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora_proxy::http_proxy_service(&server.configuration, Gateway { app: app.clone() });
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service("pool supervisor", Supervisor { app }));
+    announce_when_listening(listen);
+    server.run_forever();
+}
+
+/// Print the ready line once the listener accepts connections, so tests and
+/// scripts learn readiness (and a port-0 address) from the process itself.
+fn announce_when_listening(addr: SocketAddr) {
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                println!("infergate listening on http://{addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log::error!("the listener on {addr} never accepted a connection");
+    });
+}
