@@ -127,7 +127,11 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/infergate-bench.XXXXXX")
 PIDS=()
 cleanup() {
   local rc=$? pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # SIGINT is Pingora's fast shutdown (SIGTERM would wait for its grace period)
+  for pid in "${PIDS[@]}"; do
+    if [ "$pid" = "${GW_PID:-}" ]; then kill -INT "$pid" 2>/dev/null || true
+    else kill -TERM "$pid" 2>/dev/null || true; fi
+  done
   for pid in "${PIDS[@]}"; do
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
@@ -190,7 +194,7 @@ if need_targets nginx; then
   mkdir -p "$WORK/nginx/logs" "$WORK/nginx/tmp"
   NGINX_VERSION=$("$NGINX" -v 2>&1 | head -1)
   started=0
-  for attempt in 1 2 3; do
+  for _ in 1 2 3; do  # a free port can be taken before nginx binds it: retry
     NGINX_PORT=$(free_port)
     cat >"$WORK/nginx/nginx.conf" <<EOF
 # written by load-tests/bench.sh
@@ -338,7 +342,7 @@ done
 UPTIME_END=$(uptime)
 log "uptime: $UPTIME_END"
 GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo none)
-"$PY" - "$WORK/meta.json" <<EOF
+"$PY" - "$WORK/meta.json" "$BENCH_BODY" <<EOF
 import json, sys
 json.dump({
   "timestamp": "$TS", "smoke": $SMOKE == 1, "rounds": $ROUNDS, "duration": "$DURATION",

@@ -40,6 +40,11 @@ pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
         }
         Some(_) => return Err(GatewayError::BodyNotObject),
     }
+    if exceeds_depth(body, MAX_DEPTH) {
+        return Err(GatewayError::InvalidJson {
+            detail: format!("nesting deeper than {MAX_DEPTH} levels"),
+        });
+    }
     let peek: Peek = serde_json::from_str(text).map_err(|e| GatewayError::InvalidJson {
         detail: e.to_string(),
     })?;
@@ -63,6 +68,43 @@ pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
         name,
         span: start..start + json.len(),
     })
+}
+
+/// Deepest nesting accepted; serde_json's own limit for values it builds.
+/// Engines parse the body with recursive parsers, so the gateway refuses
+/// bodies that could blow their stacks (skipped fields have no depth limit
+/// in serde_json).
+pub const MAX_DEPTH: usize = 128;
+
+/// Whether `[`/`{` nesting (outside strings) goes deeper than `limit`.
+fn exceeds_depth(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The body with the `model` value replaced by `served` (JSON-escaped), every
@@ -129,6 +171,18 @@ mod tests {
         assert!(matches!(
             model(&deep),
             Err(GatewayError::InvalidJson { .. })
+        ));
+    }
+
+    #[test]
+    fn depth_limit_ignores_brackets_inside_strings() {
+        let ok = format!("{{\"model\":\"a\",\"x\":\"{}\"}}", "[".repeat(1000));
+        assert_eq!(model(&ok), Ok("a".into()));
+        let at_limit = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert!(!exceeds_depth(at_limit.as_bytes(), MAX_DEPTH - 1 + 1));
+        assert!(exceeds_depth(
+            format!("{}", "{".repeat(129)).as_bytes(),
+            MAX_DEPTH
         ));
     }
 

@@ -7,7 +7,6 @@
 //! `code`, so the gateway rewrites the body and keeps the engine's status.
 
 use super::ctx::RequestCtx;
-use super::respond::write_json;
 use crate::errors::{openai_error_body, GatewayError};
 use crate::state::AppState;
 use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
@@ -43,21 +42,43 @@ pub async fn relay_normalised(
     let body = normalise(status, &raw);
     log::info!("request {}: engine answered {status}", ctx.request_id());
     ctx.error_code = Some("upstream_error_status");
-    let mut extra = Vec::new();
-    if let Some(v) = header
-        .headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-    {
-        extra.push(("retry-after", v.to_string()));
+    ctx.status = status;
+    // keep the engine's other headers (Retry-After, rate limits); replace framing and type
+    let mut response = header;
+    for name in [
+        "content-length",
+        "transfer-encoding",
+        "content-type",
+        "content-encoding",
+        "connection",
+        "keep-alive",
+    ] {
+        response.remove_header(name);
     }
-    if write_json(session, ctx, status, body, &extra)
-        .await
-        .is_err()
-    {
+    let written = write_normalised(session, ctx, response, body).await;
+    if written.is_err() {
         ctx.client_gone = true;
     }
     Ok(())
+}
+
+async fn write_normalised(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    mut response: ResponseHeader,
+    body: Vec<u8>,
+) -> pingora_error::Result<()> {
+    response.insert_header("content-type", "application/json")?;
+    response.insert_header("content-length", body.len().to_string())?;
+    for (name, value) in &ctx.filters.response_headers {
+        response.insert_header(*name, value.as_str())?;
+    }
+    session
+        .write_response_header(Box::new(response), false)
+        .await?;
+    session
+        .write_response_body(Some(bytes::Bytes::from(body)), true)
+        .await
 }
 
 /// Turn any engine error body into `{"error":{message,type,param,code}}`.

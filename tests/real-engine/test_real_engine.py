@@ -5,7 +5,7 @@ random-weight qwen2 with the real Qwen2 tokenizer and chat template, served as
 `tiny-qwen2`; embeddings: the real all-MiniLM-L6-v2 as `all-minilm-l6-v2`),
 then the gateway in front of both, and stops all three at the end (also when a
 test fails; the engines also exit when this process dies, because they watch
-their stdin, and every child gets SIGTERM from the kernel if pytest is killed).
+their stdin, and every child is signalled by the kernel if pytest is killed).
 
 Run through ./run.sh (which runs ./setup.sh first).  Environment:
   INFERGATE_BIN       gateway binary (default <repo>/target/release/infergate)
@@ -52,20 +52,24 @@ ROUTE_DEADLINE_S = 20.0  # first passing health check in the gateway
 
 # --------------------------------------------------------------------------- processes
 
-def _die_with_parent():
-    """Runs in the child before exec: SIGTERM it when this (pytest) process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_parent(sig):
+    """Returns a preexec_fn: the kernel sends `sig` to the child when this (pytest) process dies."""
+    def preexec():
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    return preexec
 
 
 class Proc:
     """A child process whose first stdout line is its address; stderr goes to a log file."""
 
-    def __init__(self, name, argv, logdir, env=None):
+    def __init__(self, name, argv, logdir, env=None, stop_signal=signal.SIGTERM,
+                 death_signal=signal.SIGTERM):
         self.name = name
+        self.stop_signal = stop_signal
         self.log_path = Path(logdir) / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.p = subprocess.Popen(
@@ -74,7 +78,7 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent(death_signal),
         )
         self._lines = queue.Queue()
         self._out_path = Path(logdir) / f"{name}.stdout"
@@ -120,7 +124,7 @@ class Proc:
                 self.p.stdin.close()
             except OSError:
                 pass
-            self.p.send_signal(signal.SIGTERM)
+            self.p.send_signal(self.stop_signal)
             try:
                 self.p.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -217,7 +221,9 @@ def stack():
                                              embed_addr=embed_addr))
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
-        gw = Proc("infergate", [str(GATEWAY_BIN), "--config", str(cfg)], tmp, env=env)
+        # SIGINT is Pingora's fast shutdown (SIGTERM waits for the grace period).
+        gw = Proc("infergate", [str(GATEWAY_BIN), "--config", str(cfg)], tmp, env=env,
+                  stop_signal=signal.SIGINT, death_signal=signal.SIGKILL)
         procs.append(gw)
         ready = gw.first_line(START_DEADLINE_S)
         prefix = "infergate listening on http://"

@@ -14,6 +14,7 @@ usage: xllamacpp_serve.py MODEL.gguf [--host 127.0.0.1] [--port 0]
                           [--exit-on-stdin-eof]
 """
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -74,7 +75,10 @@ def main():
         signal.signal(s, lambda *_: stop.set())
 
     server = xlc.Server(p)  # loads the model and starts the HTTP listener
-    print(bound_address(server, a.host), flush=True)
+    try:
+        print(bound_address(server, a.host), flush=True)
+    except (BrokenPipeError, OSError):
+        stop.set()  # whoever started us is gone
 
     if a.exit_on_stdin_eof:
         def watch_stdin():
@@ -87,9 +91,13 @@ def main():
 
         threading.Thread(target=watch_stdin, daemon=True).start()
 
-    stop.wait()
+    while not stop.wait(0.5):
+        pass
+    # The server's C++ threads can keep the interpreter from finishing: tear the
+    # server down under a watchdog, then leave without the interpreter's finalisation.
+    threading.Timer(10.0, lambda: os._exit(1)).start()
     del server
-    sys.exit(0)
+    os._exit(0)
 
 
 if __name__ == "__main__":

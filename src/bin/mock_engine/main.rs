@@ -4,10 +4,14 @@
 //! Prints the bound address as the first line of stdout; logs go to stderr.
 
 mod body;
+mod guard;
 mod inference;
+mod request;
 mod router;
 mod sse;
 mod state;
+mod tokens;
+mod wire;
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -160,7 +164,7 @@ async fn serve(cli: Cli) -> Result<(), BoxError> {
         drop_after_chunks: cli.drop_after_chunks,
         hang: cli.hang,
         flat_errors: cli.flat_errors,
-        start_unix: inference::unix_now(),
+        start_unix: tokens::unix_now(),
     };
     let state = Arc::new(State::new(cfg, models, !cli.unhealthy, cli.seed));
     log::info!(

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# smoke.sh — the CI variant of bench.sh: one short round (bench.sh --smoke), then
+# ratio checks only, no wall-clock thresholds:
+#   * infergate throughput >= SMOKE_MIN_GATEWAY_RATIO (default 0.25) x direct
+#   * every target: 0 non-2xx responses and 0 socket errors, in every run
+# Exits non-zero, saying why, when a check fails or the benchmark cannot run.
+# env: everything bench.sh reads; SMOKE_MIN_GATEWAY_RATIO; BENCH_OUT (default
+#      load-tests/results/smoke-<UTC timestamp>.json, git-ignored)
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=${BENCH_OUT:-$HERE/results/smoke-$(date -u +%Y%m%dT%H%M%SZ).json}
+export BENCH_OUT=$OUT
+# all three targets, whatever the caller's BENCH_TARGETS says: the checks need them
+export BENCH_TARGETS="direct nginx gateway"
+if ! timeout 600 "$HERE/bench.sh" --smoke; then
+  echo "SMOKE FAILED: bench.sh --smoke did not complete (see the messages above)" >&2
+  exit 1
+fi
+exec "${PYTHON:-python3}" "$HERE/report.py" check "$OUT" \
+  --min-gateway-ratio "${SMOKE_MIN_GATEWAY_RATIO:-0.25}"

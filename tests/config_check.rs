@@ -1,0 +1,77 @@
+//! `infergate --check`: every shipped config is valid; errors name their YAML path.
+
+mod common;
+use common::GATEWAY_BIN;
+use std::process::Command;
+
+fn check(path: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(GATEWAY_BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_config_in_conf_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, stdout, stderr) = check(&path);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            assert!(stdout.contains("OK"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn check_reports_every_error_with_its_path_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "server:\n  listen: \"127.0.0.1:0\"\n  colour: red\ntimeouts: { connect: soon }\npools:\n  - name: chat\n    models: [a]\n    aliases: { b: zz }\n    backends: []\n    balance: fastest\n  - name: other\n    models: [a]\n    backends: [\"127.0.0.1:1\"]\n    health_check: { path: health }\nrouting: { default_pool: nope }\nextra: 1\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, 2);
+    for expected in [
+        "extra: unknown key",
+        "server.colour: unknown field",
+        "timeouts.connect: `soon` is not a duration",
+        "pools[0].aliases.b: points to `zz`",
+        "pools[0].backends: at least one backend",
+        "pools[0].balance: `fastest`",
+        "pools[1].health_check.path: must start with `/`",
+        "pools[1].models: `a` is already served by pools[0]",
+        "routing.default_pool: no pool is named `nope`",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_file_and_invalid_yaml_fail_cleanly() {
+    let (code, _, stderr) = check(std::path::Path::new("/nonexistent/infergate.yaml"));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.yaml");
+    std::fs::write(&path, "pools: [\n").unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not valid YAML"));
+}

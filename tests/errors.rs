@@ -1,0 +1,156 @@
+//! Every error a client can see is OpenAI-shaped, with the right status.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn setup(engine_args: &[&str], top: &str) -> (Proc, Proc) {
+    let mut args = vec!["--model", "tiny-chat"];
+    args.extend_from_slice(engine_args);
+    let engine = mock(&args);
+    let gw = gateway(&one_pool(&[engine.addr], "", top));
+    wait_healthy(&gw, 1);
+    (engine, gw)
+}
+
+fn assert_openai_error(v: &Value) {
+    let e = &v["error"];
+    for key in ["message", "type", "param", "code"] {
+        assert!(e.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(e["code"].is_string() || e["code"].is_null());
+}
+
+fn post(gw: &Proc, path: &str, body: &'static [u8]) -> (u16, Value) {
+    let r = client().post(gw.url(path)).body(body).send().unwrap();
+    let status = r.status().as_u16();
+    assert_eq!(r.headers()["content-type"], "application/json");
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn bad_request_bodies_get_400_and_never_reach_the_engine() {
+    let (engine, gw) = setup(&[], "");
+    let cases: &[(&[u8], &str, Value)] = &[
+        (b"{\"model\": \"tiny-chat\"", "invalid_json", Value::Null),
+        (b"[1,2]", "invalid_json", Value::Null),
+        (b"", "invalid_json", Value::Null),
+        (b"{\"messages\":[]}", "missing_model", Value::from("model")),
+        (b"{\"model\":null}", "missing_model", Value::from("model")),
+        (b"{\"model\":42}", "invalid_type", Value::from("model")),
+        (
+            b"{\"model\":\"a\",\"model\":\"b\"}",
+            "invalid_json",
+            Value::Null,
+        ),
+        (
+            b"{\"model\":\"tiny-chat\",\"x\":\"\xff\"}",
+            "invalid_json",
+            Value::Null,
+        ),
+        (b"{\"model\":\"\\ud800\"}", "invalid_json", Value::Null),
+    ];
+    for (body, code, param) in cases {
+        let (status, v) = post(&gw, "/v1/chat/completions", body);
+        assert_eq!(status, 400, "{:?} -> {v}", String::from_utf8_lossy(body));
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], *code, "{v}");
+        assert_eq!(v["error"]["param"], *param, "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    let deep = format!(
+        "{{\"model\":\"tiny-chat\",\"x\":{}{}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body(deep)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(get_json(&engine.url("/mock/stats"))["requests"], 0);
+}
+
+#[test]
+fn unknown_model_is_404_model_not_found() {
+    let (engine, gw) = setup(&[], "");
+    let (status, v) = post(
+        &gw,
+        "/v1/chat/completions",
+        br#"{"model":"gpt-9","messages":[]}"#,
+    );
+    assert_eq!(status, 404);
+    assert_openai_error(&v);
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert_eq!(v["error"]["param"], "model");
+    assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    assert_eq!(get_json(&engine.url("/mock/stats"))["requests"], 0);
+}
+
+#[test]
+fn wrong_method_is_405_and_unknown_path_is_404() {
+    let (_engine, gw) = setup(&[], "");
+    let r = client().get(gw.url("/v1/chat/completions")).send().unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    assert_openai_error(&r.json().unwrap());
+    let r = client().delete(gw.url("/v1/models")).send().unwrap();
+    assert_eq!(r.status(), 405);
+    let r = client().get(gw.url("/admin/../etc/passwd")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert_openai_error(&r.json().unwrap());
+}
+
+#[test]
+fn engine_errors_are_normalised_and_keep_their_status() {
+    for flat in [false, true] {
+        let mut args = vec!["--fail-status", "500"];
+        if flat {
+            args.push("--flat-errors");
+        }
+        let (_engine, gw) = setup(&args, "");
+        let (status, v) = post(
+            &gw,
+            "/v1/chat/completions",
+            br#"{"model":"tiny-chat","messages":[]}"#,
+        );
+        assert_eq!(status, 500);
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], "500", "{v}");
+        assert_eq!(v["error"]["message"], "mock failure");
+    }
+}
+
+#[test]
+fn engine_that_never_answers_gets_504() {
+    let (_engine, gw) = setup(&["--hang"], "timeouts: { first_byte: 500ms }");
+    let (status, v) = post(
+        &gw,
+        "/v1/chat/completions",
+        br#"{"model":"tiny-chat","messages":[]}"#,
+    );
+    assert_eq!(status, 504);
+    assert_openai_error(&v);
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+}
+
+#[test]
+fn gateway_keeps_serving_after_garbage() {
+    use std::io::{Read, Write};
+    let (_engine, gw) = setup(&[], "");
+    for garbage in [&b"GARBAGE\r\n\r\n"[..], b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"\x00\xff\xfe\r\n\r\n"] {
+        let mut s = raw_connect(gw.addr);
+        let _ = s.write_all(garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let (status, _) = post(
+        &gw,
+        "/v1/chat/completions",
+        br#"{"model":"tiny-chat","messages":[]}"#,
+    );
+    assert_eq!(status, 200);
+}
