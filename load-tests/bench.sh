@@ -282,6 +282,7 @@ cpu_s() { # pids... -> CPU seconds (user+sys) consumed so far, summed
   local t=0 pid f
   for pid in "$@"; do
     f=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+    # shellcheck disable=SC2086  # split the stat fields on purpose
     set -- $f
     t=$(( t + ${12} + ${13} ))
   done

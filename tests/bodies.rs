@@ -1,5 +1,8 @@
 //! Request bodies of every size reach the engine intact; over the limit is 413.
 
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use serde_json::Value;

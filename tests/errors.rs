@@ -1,5 +1,8 @@
 //! Every error a client can see is OpenAI-shaped, with the right status.
 
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use serde_json::Value;

@@ -1,5 +1,8 @@
 //! Health checks, failover, balancing and the errors when engines are gone.
 
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use serde_json::Value;

@@ -1,6 +1,9 @@
 //! SSE passes through chunk by chunk; client disconnects close the engine
 //! connection; engine failures mid-stream end with one error event.
 
+// Integration tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 use common::*;
 use serde_json::Value;

@@ -20,15 +20,13 @@ impl Chain {
         self.filters.iter().map(|f| f.name()).collect()
     }
 
-    /// Run every filter; the first rejection stops the chain.
-    pub fn run(&self, headers: &mut dyn Headers) -> Result<FilterState, (FilterState, Rejection)> {
-        let mut state = FilterState::default();
+    /// Run every filter, recording into `state`; the first rejection stops the
+    /// chain (what earlier filters recorded, e.g. the request id, is kept).
+    pub fn run(&self, headers: &mut dyn Headers, state: &mut FilterState) -> Result<(), Rejection> {
         for filter in &self.filters {
-            if let Err(rejection) = filter.on_request(headers, &mut state) {
-                return Err((state, rejection));
-            }
+            filter.on_request(headers, state)?;
         }
-        Ok(state)
+        Ok(())
     }
 }
 
@@ -42,8 +40,9 @@ mod tests {
     fn empty_chain_passes_and_sets_nothing() {
         let chain = Chain::from_config(&[]);
         let mut headers = VecHeaders::default();
-        let state = chain.run(&mut headers).map_err(|(_, r)| r);
-        assert_eq!(state.map(|s| s.request_id), Ok(None));
+        let mut state = FilterState::default();
+        assert_eq!(chain.run(&mut headers, &mut state), Ok(()));
+        assert_eq!(state.request_id, None);
     }
 
     #[test]
@@ -51,7 +50,8 @@ mod tests {
         let chain = Chain::from_config(&[FilterConfig::RequestId(RequestIdConfig::default())]);
         assert_eq!(chain.names(), vec!["request_id"]);
         let mut headers = VecHeaders::default();
-        let state = chain.run(&mut headers).map_err(|(_, r)| r);
-        assert!(matches!(state, Ok(s) if s.request_id.is_some()));
+        let mut state = FilterState::default();
+        assert_eq!(chain.run(&mut headers, &mut state), Ok(()));
+        assert!(state.request_id.is_some());
     }
 }

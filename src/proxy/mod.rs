@@ -115,13 +115,12 @@ async fn route_and_forward(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
-    match app.chain.run(&mut HeaderAdapter(session.req_header_mut())) {
-        Ok(state) => ctx.filters = state,
-        Err((state, rejection)) => {
-            ctx.filters = state;
-            return Err(GatewayError::Rejected(rejection));
-        }
-    }
+    app.chain
+        .run(
+            &mut HeaderAdapter(session.req_header_mut()),
+            &mut ctx.filters,
+        )
+        .map_err(GatewayError::Rejected)?;
     let endpoint = classify(
         session.req_header().method.as_str(),
         session.req_header().uri.path(),
