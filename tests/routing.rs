@@ -198,3 +198,58 @@ fn request_id_is_kept_or_created_and_reaches_the_engine() {
     assert_eq!(r.status(), 400);
     assert!(r.headers().contains_key("x-request-id"));
 }
+
+/// Regression: while waiting on the engine the gateway watches the client
+/// socket for a close; a keep-alive client's next request must not lose bytes
+/// to that watch (it once lost its first byte and got a 405).
+#[test]
+fn keep_alive_and_pipelined_requests_are_all_answered_intact() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let engine = mock(&["--model", "tiny-chat"]);
+    let gw = gateway(&one_pool(&[engine.addr], "", ""));
+    wait_healthy(&gw, 1);
+    let body = chat_body("tiny-chat", false);
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let read_response = |reader: &mut BufReader<std::net::TcpStream>| -> String {
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut buf = vec![0; length];
+        reader.read_exact(&mut buf).unwrap();
+        status
+    };
+    let mut s = raw_connect(gw.addr);
+    // a lost byte leaves the gateway waiting for the rest of a request: fail fast
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    for i in 0..300 {
+        s.write_all(request.as_bytes()).unwrap();
+        let status = read_response(&mut reader);
+        assert!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
+    }
+    // two requests in one write: both answered, in order
+    s.write_all(format!("{request}{request}").as_bytes())
+        .unwrap();
+    for i in 0..2 {
+        let status = read_response(&mut reader);
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "pipelined {i}: {status}"
+        );
+    }
+}

@@ -222,6 +222,7 @@ async fn relay_response(
 ) -> Result<(), GatewayError> {
     let first_byte = app.config.timeouts.first_byte;
     let read_header = tokio::select! {
+        biased;
         res = timeout(first_byte, upstream.read_response()) => res,
         _ = client_closed(session) => {
             ctx.client_gone = true;
@@ -311,7 +312,13 @@ async fn relay_body(
     let idle = app.config.timeouts.idle;
     let mut watch_client = true;
     loop {
+        if upstream.is_body_done() {
+            // the client may already hold the whole response and send its next
+            // request: stop probing its socket now
+            return Ok(());
+        }
         let chunk = tokio::select! {
+            biased;
             res = timeout(idle, upstream.read_body_bytes()) => res,
             closed = client_closed(session), if watch_client => {
                 if closed { return Err(Interrupted::ClientGone); }

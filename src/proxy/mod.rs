@@ -44,6 +44,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // While we wait on an engine we watch the client socket for a close.
+        // A keep-alive client that already holds its whole response may send
+        // its next request meanwhile; with pipelining on, Pingora keeps those
+        // bytes for the next request instead of dropping them.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         handle(&self.app, session, ctx).await;
         if !session.is_body_done() {
             // we answered without draining the body: the connection cannot be reused
