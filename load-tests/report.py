@@ -2,7 +2,7 @@
 """Summarise and check load-tests/bench.sh results (stdlib only).
 
   report.py summarize RUNS.jsonl META.json OUT.json   -> writes OUT.json, prints markdown
-  report.py check OUT.json [--min-gateway-ratio 0.25] -> exit 1 (with reasons) on failure
+  report.py check OUT.json [--min-gateway-ratio 0.15] [--min-gateway-over-nginx 0.4] -> exit 1 (with reasons) on failure
 
 RUNS.jsonl has one line per wrk run:
   {"target": "direct|nginx|gateway", "mode": "load|c1", "round": N,
@@ -150,7 +150,7 @@ def markdown(res):
     return "\n".join(out)
 
 
-def check(out_path, min_ratio):
+def check(out_path, min_ratio, min_nginx_ratio):
     res = json.load(open(out_path))
     why = []
     for mode in ("load", "c1"):
@@ -170,12 +170,18 @@ def check(out_path, min_ratio):
         why.append("no gateway/direct throughput ratio")
     elif g < min_ratio:
         why.append(f"gateway throughput is {g:.3f} × direct, below the floor {min_ratio}")
+    n = res["ratios"].get("load", {}).get("gateway_over_nginx_rps")
+    if n is None:
+        why.append("no gateway/nginx throughput ratio")
+    elif n < min_nginx_ratio:
+        why.append(f"gateway throughput is {n:.3f} × nginx, below the floor {min_nginx_ratio}")
     if why:
         print("SMOKE FAILED:")
         for w in why:
             print("  - " + w)
         return 1
-    print(f"smoke ok: gateway/direct throughput {g:.3f} (floor {min_ratio}); "
+    print(f"smoke ok: gateway/direct throughput {g:.3f} (floor {min_ratio}), "
+          f"gateway/nginx {n:.3f} (floor {min_nginx_ratio}); "
           f"0 non-2xx and 0 socket errors on every target")
     return 0
 
@@ -185,10 +191,12 @@ def main(argv):
         summarize(argv[2], argv[3], argv[4])
         return 0
     if len(argv) >= 3 and argv[1] == "check":
-        floor = 0.25
+        floor, nginx_floor = 0.15, 0.4
         if "--min-gateway-ratio" in argv:
             floor = float(argv[argv.index("--min-gateway-ratio") + 1])
-        return check(argv[2], floor)
+        if "--min-gateway-over-nginx" in argv:
+            nginx_floor = float(argv[argv.index("--min-gateway-over-nginx") + 1])
+        return check(argv[2], floor, nginx_floor)
     print(__doc__, file=sys.stderr)
     return 2
 
