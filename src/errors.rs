@@ -28,6 +28,9 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     /// The client's body ended early or was malformed on the wire.
     BodyRead { detail: String },
+    /// Both `Content-Length` and `Transfer-Encoding`, or a transfer coding
+    /// other than `chunked`: the framing is ambiguous (request smuggling).
+    AmbiguousFraming,
     /// Every backend of the pool is unhealthy (or not yet checked).
     NoHealthyBackend { pool: String },
     /// Healthy backends exist but none accepted a connection.
@@ -96,6 +99,8 @@ impl GatewayError {
                 format!("The request body is larger than the gateway's limit of {limit} bytes. Shorten the prompt or ask the operator to raise server.max_request_body_bytes.")),
             E::BodyRead { detail } => (400, INVALID, "invalid_body", None,
                 format!("The request body could not be read ({detail}).")),
+            E::AmbiguousFraming => (400, INVALID, "invalid_framing", None,
+                "The request has both Content-Length and Transfer-Encoding, or a transfer coding other than `chunked`. Send exactly one of them.".to_string()),
             E::NoHealthyBackend { pool } => (503, "service_unavailable", "no_healthy_backend", None,
                 format!("No healthy engine is available for this model right now (pool `{pool}`). Retry shortly.")),
             E::ConnectFailed { pool, attempts } => (503, "service_unavailable", "upstream_unreachable", None,
@@ -110,7 +115,10 @@ impl GatewayError {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } => Some(1),
             _ => None,
         };
-        let keep_alive = !matches!(self, E::BodyTooLarge { .. } | E::BodyRead { .. });
+        let keep_alive = !matches!(
+            self,
+            E::BodyTooLarge { .. } | E::BodyRead { .. } | E::AmbiguousFraming
+        );
         let log_level = if status >= 500 {
             log::Level::Warn
         } else {

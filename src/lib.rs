@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod health;
+pub mod logging;
 pub mod proxy;
 pub mod routing;
 pub mod server;

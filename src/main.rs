@@ -20,7 +20,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    infergate::logging::init();
     let cli = Cli::parse();
     let config = match infergate::config::load_file(&cli.config) {
         Ok(config) => config,

@@ -157,3 +157,71 @@ fn gateway_keeps_serving_after_garbage() {
     );
     assert_eq!(status, 200);
 }
+
+/// A fake engine on a raw socket: `/health` passes, everything else gets `reply`.
+fn raw_engine(reply: &'static [u8]) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0; 65536];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                if head.starts_with("GET /health") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
+                } else {
+                    let _ = conn.write_all(reply);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn engine_answering_garbage_or_closing_gets_502() {
+    for reply in [&b"this is not http\r\n\r\n"[..], b""] {
+        let addr = raw_engine(reply);
+        let gw = gateway(&one_pool(&[addr], "", ""));
+        wait_healthy(&gw, 1);
+        let (status, v) = post(
+            &gw,
+            "/v1/chat/completions",
+            br#"{"model":"tiny-chat","messages":[]}"#,
+        );
+        assert_eq!(status, 502, "{v}");
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], "upstream_error");
+    }
+}
+
+#[test]
+fn request_smuggling_framing_is_refused_and_nothing_reaches_the_engine() {
+    use std::io::{Read, Write};
+    let (engine, gw) = setup(&[], "");
+    let body = r#"{"model":"tiny-chat","messages":[]}"#;
+    let attacks = [
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nContent-Length: 5\r\n\r\n{body}", body.len()),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len()),
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len()),
+    ];
+    for attack in &attacks {
+        let mut s = raw_connect(gw.addr);
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(attack.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        let _ = s.read_to_end(&mut response);
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            !text.starts_with("HTTP/1.1 200"),
+            "accepted {attack:?}: {text}"
+        );
+    }
+    assert_eq!(get_json(&engine.url("/mock/stats"))["requests"], 0);
+}

@@ -205,12 +205,24 @@ async fn write_request(
     req: RequestHeader,
     body: &Bytes,
 ) -> pingora_error::Result<()> {
-    upstream.write_request_header(Box::new(req)).await?;
-    if !body.is_empty() {
-        upstream.write_body(body).await?;
+    // Pingora flushes the header on its own, then the body: two segments, and
+    // on loopback two wakeups of the engine. Corking the socket for the
+    // duration sends header and body together.
+    let fd = upstream.stream().id();
+    let corked = !body.is_empty() && super::sockopt::set_cork(fd, true);
+    let result = async {
+        upstream.write_request_header(Box::new(req)).await?;
+        if !body.is_empty() {
+            upstream.write_body(body).await?;
+        }
+        upstream.finish_body().await?;
+        Ok(())
     }
-    upstream.finish_body().await?;
-    Ok(())
+    .await;
+    if corked {
+        super::sockopt::set_cork(fd, false);
+    }
+    result
 }
 
 /// Wait for the engine's response header, then relay the body chunk by chunk.

@@ -13,6 +13,7 @@ mod endpoint;
 mod forward;
 mod read_body;
 mod respond;
+mod sockopt;
 mod upstream_error;
 
 pub use ctx::RequestCtx;

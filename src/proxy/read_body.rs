@@ -7,10 +7,47 @@ use crate::errors::GatewayError;
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 
+/// Refuse framings that two HTTP parsers could read differently: both
+/// `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.3 lets a server
+/// reject it; Pingora would accept it), or a coding other than `chunked`.
+pub fn check_framing(session: &Session) -> Result<(), GatewayError> {
+    let headers = &session.req_header().headers;
+    let encodings: Vec<_> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if encodings.is_empty() {
+        return Ok(());
+    }
+    // Pingora drops Content-Length when Transfer-Encoding is present (and
+    // closes the connection afterwards); the raw header still shows it.
+    if headers.contains_key(http::header::CONTENT_LENGTH)
+        || raw_has_content_length(&session.as_downstream().to_h1_raw())
+    {
+        return Err(GatewayError::AmbiguousFraming);
+    }
+    let chunked_only = encodings.len() == 1
+        && encodings[0]
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
+    if !chunked_only {
+        return Err(GatewayError::AmbiguousFraming);
+    }
+    Ok(())
+}
+
+fn raw_has_content_length(raw: &[u8]) -> bool {
+    raw.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() > 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+}
+
 /// Read the whole body. Answers `Expect: 100-continue` first; refuses a
 /// declared `Content-Length` over `limit` without reading a byte, and a
 /// chunked upload as soon as it passes `limit`.
 pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+    check_framing(session)?;
     let declared = session
         .req_header()
         .headers
@@ -56,4 +93,22 @@ pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, 
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_has_content_length;
+
+    #[test]
+    fn finds_content_length_in_any_case_but_not_in_the_request_line() {
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: x\r\nCONTENT-LENGTH: 4\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST / HTTP/1.1\r\nX-Content-Length: 4\r\n\r\n"
+        ));
+    }
 }
