@@ -63,16 +63,8 @@ pub async fn forward(
         .headers
         .get(pool.config.hash_header.as_str())
         .map(|v| v.as_bytes().to_vec());
-    let (mut upstream, peer) = send_request(
-        app,
-        session,
-        ctx,
-        pool,
-        &request,
-        &body,
-        hash_key.as_deref(),
-    )
-    .await?;
+    let (mut upstream, peer) =
+        send_request(app, ctx, pool, &request, &body, hash_key.as_deref()).await?;
     relay_response(app, session, ctx, &mut upstream).await?;
     if ctx.client_gone {
         return Ok(()); // dropping `upstream` closes the engine connection
@@ -117,7 +109,6 @@ fn upstream_request(
 /// Connect and write the request, moving to another backend when a connect fails.
 async fn send_request(
     app: &AppState,
-    session: &mut Session,
     ctx: &mut RequestCtx,
     pool: &Pool,
     request: &RequestHeader,
@@ -159,7 +150,6 @@ async fn send_request(
             }
             Err(e) => {
                 count_error(ctx);
-                let _ = session; // nothing was written downstream yet
                 return Err(GatewayError::UpstreamFailed {
                     detail: format!("sending the request failed ({})", e.etype().as_str()),
                 });
@@ -322,7 +312,6 @@ async fn relay_body(
     upstream: &mut UpstreamSession,
 ) -> Result<(), Interrupted> {
     let idle = app.config.timeouts.idle;
-    let mut watch_client = true;
     loop {
         if upstream.is_body_done() {
             // the client may already hold the whole response and send its next
@@ -332,11 +321,7 @@ async fn relay_body(
         let chunk = tokio::select! {
             biased;
             res = timeout(idle, upstream.read_body_bytes()) => res,
-            closed = client_closed(session), if watch_client => {
-                if closed { return Err(Interrupted::ClientGone); }
-                watch_client = false; // pipelined bytes: stop watching, writes will tell
-                continue;
-            }
+            _ = client_closed(session) => return Err(Interrupted::ClientGone),
         };
         match chunk {
             Err(_) => {
@@ -397,12 +382,18 @@ async fn end_broken_stream(
     let _ = session.write_response_body(None, true).await;
 }
 
-/// Resolves when the client closes its connection (`true`), or sends more
-/// bytes while we answer (`false`, HTTP pipelining).
-async fn client_closed(session: &mut Session) -> bool {
-    session
+/// Resolves only when the client closes its connection (or it errors).
+/// Bytes of a next (pipelined) request are stashed by Pingora for the next
+/// session (see `set_pipelining_enabled` in `request_filter`) and keep this
+/// pending, as does anything else that is not a close.
+async fn client_closed(session: &mut Session) {
+    if session
         .downstream_session
         .read_body_or_idle(true)
         .await
         .is_err()
+    {
+        return;
+    }
+    std::future::pending::<()>().await
 }
