@@ -7,15 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn setup(engine_args: &[&str], top: &str) -> (Proc, Proc) {
-    let mut args = vec!["--model", "tiny-chat"];
-    args.extend_from_slice(engine_args);
-    let engine = mock(&args);
-    let gw = gateway(&one_pool(&[engine.addr], "", top));
-    wait_healthy(&gw, 1);
-    (engine, gw)
-}
-
 fn assert_openai_error(v: &Value) {
     let e = &v["error"];
     for key in ["message", "type", "param", "code"] {
@@ -34,7 +25,7 @@ fn post(gw: &Proc, path: &str, body: &'static [u8]) -> (u16, Value) {
 
 #[test]
 fn bad_request_bodies_get_400_and_never_reach_the_engine() {
-    let (engine, gw) = setup(&[], "");
+    let (engine, gw) = engine_behind_gateway(&[], "");
     let cases: &[(&[u8], &str, Value)] = &[
         (b"{\"model\": \"tiny-chat\"", "invalid_json", Value::Null),
         (b"[1,2]", "invalid_json", Value::Null),
@@ -78,7 +69,7 @@ fn bad_request_bodies_get_400_and_never_reach_the_engine() {
 
 #[test]
 fn unknown_model_is_404_model_not_found() {
-    let (engine, gw) = setup(&[], "");
+    let (engine, gw) = engine_behind_gateway(&[], "");
     let (status, v) = post(
         &gw,
         "/v1/chat/completions",
@@ -94,7 +85,7 @@ fn unknown_model_is_404_model_not_found() {
 
 #[test]
 fn wrong_method_is_405_and_unknown_path_is_404() {
-    let (_engine, gw) = setup(&[], "");
+    let (_engine, gw) = engine_behind_gateway(&[], "");
     let r = client().get(gw.url("/v1/chat/completions")).send().unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");
@@ -113,7 +104,7 @@ fn engine_errors_are_normalised_and_keep_their_status() {
         if flat {
             args.push("--flat-errors");
         }
-        let (_engine, gw) = setup(&args, "");
+        let (_engine, gw) = engine_behind_gateway(&args, "");
         let (status, v) = post(
             &gw,
             "/v1/chat/completions",
@@ -128,7 +119,7 @@ fn engine_errors_are_normalised_and_keep_their_status() {
 
 #[test]
 fn engine_that_never_answers_gets_504() {
-    let (_engine, gw) = setup(&["--hang"], "timeouts: { first_byte: 500ms }");
+    let (_engine, gw) = engine_behind_gateway(&["--hang"], "timeouts: { first_byte: 500ms }");
     let (status, v) = post(
         &gw,
         "/v1/chat/completions",
@@ -142,7 +133,7 @@ fn engine_that_never_answers_gets_504() {
 #[test]
 fn gateway_keeps_serving_after_garbage() {
     use std::io::{Read, Write};
-    let (_engine, gw) = setup(&[], "");
+    let (_engine, gw) = engine_behind_gateway(&[], "");
     for garbage in [&b"GARBAGE\r\n\r\n"[..], b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"\x00\xff\xfe\r\n\r\n"] {
         let mut s = raw_connect(gw.addr);
         let _ = s.write_all(garbage);
@@ -203,7 +194,7 @@ fn engine_answering_garbage_or_closing_gets_502() {
 #[test]
 fn request_smuggling_framing_is_refused_and_nothing_reaches_the_engine() {
     use std::io::{Read, Write};
-    let (engine, gw) = setup(&[], "");
+    let (engine, gw) = engine_behind_gateway(&[], "");
     let body = r#"{"model":"tiny-chat","messages":[]}"#;
     let attacks = [
         format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nContent-Length: 5\r\n\r\n{body}", body.len()),

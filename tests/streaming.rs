@@ -51,18 +51,9 @@ fn next_event(reader: &mut BufReader<std::net::TcpStream>) -> Option<(String, In
     }
 }
 
-fn setup(engine_args: &[&str], top: &str) -> (Proc, Proc) {
-    let mut args = vec!["--model", "tiny-chat"];
-    args.extend_from_slice(engine_args);
-    let engine = mock(&args);
-    let gw = gateway(&one_pool(&[engine.addr], "", top));
-    wait_healthy(&gw, 1);
-    (engine, gw)
-}
-
 #[test]
 fn chunks_sent_100ms_apart_arrive_about_100ms_apart() {
-    let (_engine, gw) = setup(&["--token-interval-ms", "100", "--tokens", "6"], "");
+    let (_engine, gw) = engine_behind_gateway(&["--token-interval-ms", "100", "--tokens", "6"], "");
     let mut reader = open_stream(&gw, "tiny-chat");
     let mut events = Vec::new();
     while let Some(e) = next_event(&mut reader) {
@@ -88,7 +79,8 @@ fn chunks_sent_100ms_apart_arrive_about_100ms_apart() {
 
 #[test]
 fn client_leaving_mid_stream_closes_the_engine_connection() {
-    let (engine, gw) = setup(&["--token-interval-ms", "200", "--tokens", "100"], "");
+    let (engine, gw) =
+        engine_behind_gateway(&["--token-interval-ms", "200", "--tokens", "100"], "");
     let mut reader = open_stream(&gw, "tiny-chat");
     assert!(next_event(&mut reader).is_some());
     assert!(next_event(&mut reader).is_some());
@@ -104,7 +96,7 @@ fn client_leaving_mid_stream_closes_the_engine_connection() {
 
 #[test]
 fn client_leaving_before_the_first_byte_closes_the_engine_connection() {
-    let (engine, gw) = setup(&["--ttft-ms", "5000"], "");
+    let (engine, gw) = engine_behind_gateway(&["--ttft-ms", "5000"], "");
     let mut s = raw_connect(gw.addr);
     s.write_all(&stream_request("tiny-chat")).unwrap();
     wait_until(
@@ -122,7 +114,7 @@ fn client_leaving_before_the_first_byte_closes_the_engine_connection() {
 
 #[test]
 fn engine_dying_mid_stream_ends_with_one_error_event_and_no_done() {
-    let (_engine, gw) = setup(&["--drop-after-chunks", "3", "--tokens", "10"], "");
+    let (_engine, gw) = engine_behind_gateway(&["--drop-after-chunks", "3", "--tokens", "10"], "");
     let mut reader = open_stream(&gw, "tiny-chat");
     let mut events = Vec::new();
     while let Some((data, _)) = next_event(&mut reader) {
@@ -138,7 +130,7 @@ fn engine_dying_mid_stream_ends_with_one_error_event_and_no_done() {
 
 #[test]
 fn stalled_stream_gets_an_idle_timeout_error_event() {
-    let (_engine, gw) = setup(
+    let (_engine, gw) = engine_behind_gateway(
         &["--token-interval-ms", "3000", "--tokens", "3"],
         "timeouts: { idle: 500ms }",
     );
@@ -153,7 +145,7 @@ fn stalled_stream_gets_an_idle_timeout_error_event() {
 
 #[test]
 fn include_usage_is_passed_to_the_engine_and_usage_chunk_comes_back() {
-    let (_engine, gw) = setup(&["--tokens", "4"], "");
+    let (_engine, gw) = engine_behind_gateway(&["--tokens", "4"], "");
     let body = r#"{"model":"tiny-chat","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
     let text = client()
         .post(gw.url("/v1/chat/completions"))

@@ -193,3 +193,14 @@ pub fn raw_connect(addr: SocketAddr) -> TcpStream {
 pub fn write_all(s: &mut TcpStream, data: &[u8]) {
     s.write_all(data).expect("write");
 }
+
+/// One mock engine serving `tiny-chat` (plus `engine_args`) behind a gateway
+/// with the one-pool config (plus top-level YAML `top`), backend healthy.
+pub fn engine_behind_gateway(engine_args: &[&str], top: &str) -> (Proc, Proc) {
+    let mut args = vec!["--model", "tiny-chat"];
+    args.extend_from_slice(engine_args);
+    let engine = mock(&args);
+    let gw = gateway(&one_pool(&[engine.addr], "", top));
+    wait_healthy(&gw, 1);
+    (engine, gw)
+}
