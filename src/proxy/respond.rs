@@ -22,6 +22,7 @@ pub async fn write_json(
         header.insert_header(*name, value.as_str())?;
     }
     ctx.status = status;
+    ctx.response_bytes = body.len();
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), head_only)

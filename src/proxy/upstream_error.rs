@@ -43,6 +43,7 @@ pub async fn relay_normalised(
     log::info!("request {}: engine answered {status}", ctx.request_id());
     ctx.error_code = Some("upstream_error_status");
     ctx.status = status;
+    ctx.response_bytes = body.len();
     // keep the engine's other headers (Retry-After, rate limits); replace framing and type
     let mut response = header;
     for name in [
