@@ -4,12 +4,16 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup build run test unit lint check-conf real-engine smoke bench fmt clean
+.PHONY: setup setup-test build run test unit lint check-conf real-engine smoke bench fmt clean
 
-## setup: system packages the build and the test suites need (cmake for Pingora)
+## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
+	@command -v cmake >/dev/null || { echo "installing: cmake"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q cmake; }
+
+## setup-test: what the test suites add (wrk and nginx for the benchmark, python venv for the real engine)
+setup-test: setup
 	@missing=""; \
-	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -27,7 +31,7 @@ run: build
 	conf/quickstart.sh
 
 ## test: everything CI runs — lint, unit + integration tests, config check, real llama.cpp suite, benchmark smoke
-test: build lint unit check-conf real-engine smoke
+test: setup-test build lint unit check-conf real-engine smoke
 
 unit:
 	$(CARGO) test --release --workspace
@@ -40,15 +44,15 @@ check-conf:
 	@for f in conf/*.yaml; do target/release/infergate --check --config "$$f" || exit 1; done
 
 ## real-engine: infergate in front of a real llama.cpp server, driven by the openai SDK
-real-engine: build
+real-engine: setup-test build
 	tests/real-engine/run.sh
 
 ## smoke: short gateway vs direct vs nginx run with ratio checks (CI)
-smoke: build
+smoke: setup-test build
 	load-tests/smoke.sh
 
 ## bench: the full side-by-side benchmark (writes load-tests/results/*.json)
-bench: build
+bench: setup-test build
 	load-tests/bench.sh
 
 fmt:
