@@ -191,3 +191,64 @@ fn least_inflight_sends_new_work_to_the_idle_backend() {
         assert_eq!(t.join().unwrap().unwrap(), 200);
     }
 }
+
+#[test]
+fn engine_that_stops_accepting_connections_gets_504_connect_timeout() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // A backend that answers its first health check, then stops accepting;
+    // once its accept queue is full the kernel drops new SYNs: a black hole.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepting = Arc::new(AtomicBool::new(true));
+    let flag = accepting.clone();
+    std::thread::spawn(move || {
+        while flag.load(Ordering::SeqCst) {
+            let Ok((mut conn, _)) = listener.accept() else {
+                continue;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+        std::thread::sleep(Duration::from_secs(3600)); // keep the listener open, never accept
+    });
+    let yaml = one_pool(&[addr], "", "timeouts: { connect: 300ms, first_byte: 2s }")
+        .replace("interval: 200ms", "interval: 1h");
+    let gw = gateway(&yaml);
+    wait_healthy(&gw, 1);
+    accepting.store(false, Ordering::SeqCst);
+    // wake the accept loop once so it sees the flag, then fill the accept queue
+    let _wake = std::net::TcpStream::connect(addr);
+    let mut fillers = Vec::new();
+    let mut refused_in_a_row = 0;
+    for _ in 0..1000 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(s) => {
+                fillers.push(s);
+                refused_in_a_row = 0;
+            }
+            Err(_) => refused_in_a_row += 1,
+        }
+        if refused_in_a_row == 5 {
+            break; // queue full: SYNs are dropped now
+        }
+    }
+    assert_eq!(refused_in_a_row, 5, "could not fill the accept queue");
+    let started = std::time::Instant::now();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body(chat_body("tiny-chat", false))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("connect"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
