@@ -1,6 +1,7 @@
 //! The model catalogue clients see at `GET /v1/models`: configured models and
 //! aliases, plus models discovered on healthy backends, in OpenAI's list shape
-//! with the seeds' `owned_by` and `status` fields.
+//! with the seeds' `owned_by` and `status` fields; and the status pages
+//! (`/health`, `/health/ready`, `/services`, `/stats`) in the seeds' shapes.
 
 use crate::state::AppState;
 use serde_json::{json, Value};
@@ -85,4 +86,61 @@ pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
         "timestamp": unix(std::time::SystemTime::now()),
     });
     (200, body.to_string().into_bytes())
+}
+
+/// `GET /health/ready`: 200 `{"ready":true}` when at least one backend can
+/// take traffic, else 503 with the reason (a Kubernetes readiness probe then
+/// takes the gateway out of its Service until engines are back).
+pub fn ready_body(app: &AppState) -> (u16, Vec<u8>) {
+    let serving = app
+        .router
+        .pools()
+        .iter()
+        .map(|p| p.serving_backends().count())
+        .sum::<usize>();
+    if serving > 0 {
+        (200, json!({"ready": true}).to_string().into_bytes())
+    } else {
+        let body = json!({"ready": false, "reason": "no backend has passed its health checks"});
+        (503, body.to_string().into_bytes())
+    }
+}
+
+fn backend_entries(app: &AppState) -> Vec<Value> {
+    let mut out = Vec::new();
+    for pool in app.router.pools() {
+        for state in pool.backend_states() {
+            let ordering = std::sync::atomic::Ordering::Relaxed;
+            out.push(json!({
+                "name": format!("{}@{}", pool.name(), state.address),
+                "url": format!("http://{}", state.address),
+                "pool": pool.name(),
+                "healthy": pool.is_serving(&state.address),
+                "models": pool.config.models,
+                "weight": state.weight,
+                "request_count": state.requests.load(ordering),
+                "error_count": state.errors.load(ordering),
+                "response_time": state.response_time_us.load(ordering) as f64 / 1e6,
+                "inflight": state.inflight.load(ordering),
+            }));
+        }
+    }
+    out
+}
+
+/// `GET /services`: every configured backend (InfiniLM router shape, plus `pool`, `weight`, `inflight`).
+pub fn services_body(app: &AppState) -> Vec<u8> {
+    let services = backend_entries(app);
+    json!({"total": services.len(), "services": services})
+        .to_string()
+        .into_bytes()
+}
+
+/// `GET /stats`: totals and per-backend counters (InfiniLM router shape).
+pub fn stats_body(app: &AppState) -> Vec<u8> {
+    let services = backend_entries(app);
+    let healthy = services.iter().filter(|s| s["healthy"] == true).count();
+    json!({"total_services": services.len(), "healthy_services": healthy, "services": services})
+        .to_string()
+        .into_bytes()
 }

@@ -9,6 +9,14 @@ pub enum Endpoint {
     ListModels,
     GetModel(String),
     GatewayHealth,
+    /// Kubernetes liveness: the process serves.
+    Live,
+    /// Kubernetes readiness: config loaded and a backend can take traffic.
+    Ready,
+    /// Backends and their counters (InfiniLM router's `/services`).
+    Services,
+    /// Totals and per-backend counters (InfiniLM router's `/stats`).
+    Stats,
     /// Any other `/v1/*`: body `model` if there is one, else the default pool.
     OtherV1,
 }
@@ -21,6 +29,10 @@ impl Endpoint {
             Endpoint::ListModels => "models",
             Endpoint::GetModel(_) => "model",
             Endpoint::GatewayHealth => "health",
+            Endpoint::Live => "health_live",
+            Endpoint::Ready => "health_ready",
+            Endpoint::Services => "services",
+            Endpoint::Stats => "stats",
             Endpoint::OtherV1 => "other",
         }
     }
@@ -55,6 +67,10 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
     match trimmed {
         "/v1/models" | "/models" => return get_only(Endpoint::ListModels),
         "/health" => return get_only(Endpoint::GatewayHealth),
+        "/health/live" => return get_only(Endpoint::Live),
+        "/health/ready" => return get_only(Endpoint::Ready),
+        "/services" => return get_only(Endpoint::Services),
+        "/stats" => return get_only(Endpoint::Stats),
         _ => {}
     }
     for prefix in ["/v1/models/", "/models/"] {

@@ -91,7 +91,11 @@ impl ProxyHttp for Gateway {
             ctx.client_gone,
             error.map_or(String::new(), |e| format!(" pingora_error={e}")),
         );
-        ctx.inflight = None;
+        if let Some(guard) = ctx.inflight.take() {
+            guard
+                .state()
+                .record_duration(ctx.started.elapsed().as_micros() as u64);
+        }
     }
 }
 
@@ -142,6 +146,13 @@ async fn route_and_forward(
             let (status, body) = catalog::health_body(app);
             answer(session, ctx, status, body).await
         }
+        Endpoint::Live => answer(session, ctx, 200, br#"{"alive":true}"#.to_vec()).await,
+        Endpoint::Ready => {
+            let (status, body) = catalog::ready_body(app);
+            answer(session, ctx, status, body).await
+        }
+        Endpoint::Services => answer(session, ctx, 200, catalog::services_body(app)).await,
+        Endpoint::Stats => answer(session, ctx, 200, catalog::stats_body(app)).await,
         Endpoint::Inference(_) => {
             let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
                 .await?;

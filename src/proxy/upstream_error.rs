@@ -44,6 +44,14 @@ pub async fn relay_normalised(
     ctx.error_code = Some("upstream_error_status");
     ctx.status = status;
     ctx.response_bytes = body.len();
+    if status >= 500 {
+        if let Some(guard) = &ctx.inflight {
+            guard
+                .state()
+                .errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     // keep the engine's other headers (Retry-After, rate limits); replace framing and type
     let mut response = header;
     for name in [

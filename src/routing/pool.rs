@@ -29,6 +29,21 @@ pub struct BackendState {
     pub checked_ok: AtomicBool,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
+    /// Moving average of request durations on this backend, in microseconds.
+    pub response_time_us: AtomicU64,
+}
+
+impl BackendState {
+    /// Fold one finished request's duration into the moving average (weight 1/10).
+    pub fn record_duration(&self, micros: u64) {
+        let old = self.response_time_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            micros
+        } else {
+            (old * 9 + micros) / 10
+        };
+        self.response_time_us.store(new, Ordering::Relaxed);
+    }
 }
 
 enum Selector {
@@ -77,6 +92,7 @@ impl Pool {
                 checked_ok: AtomicBool::new(false),
                 requests: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
+                response_time_us: AtomicU64::new(0),
             });
             ordered.push(state.clone());
             states.insert(b.address, state);
