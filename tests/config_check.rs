@@ -43,7 +43,7 @@ fn check_reports_every_error_with_its_path_and_fails() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        "server:\n  listen: \"127.0.0.1:0\"\n  colour: red\ntimeouts: { connect: soon }\npools:\n  - name: chat\n    models: [a]\n    aliases: { b: zz }\n    backends: []\n    balance: fastest\n  - name: other\n    models: [a]\n    backends: [\"127.0.0.1:1\"]\n    health_check: { path: health }\nrouting: { default_pool: nope }\nextra: 1\n",
+        "server:\n  listen: \"127.0.0.1:0\"\n  colour: red\ntimeouts: { connect: soon }\npools:\n  - name: chat\n    models: [a]\n    aliases: { b: zz }\n    backends: []\n    balance: fastest\n  - name: other\n    models: [a]\n    backends: [\"127.0.0.1:1\"]\n    health_check: { path: health }\nrouting: { default_pool: nope }\nextra: 1\nfilters:\n  - request_id: { header: \"x request id\" }\n",
     )
     .unwrap();
     let (code, _, stderr) = check(&path);
@@ -58,6 +58,7 @@ fn check_reports_every_error_with_its_path_and_fails() {
         "pools[1].health_check.path: must start with `/`",
         "pools[1].models: `a` is already served by pools[0]",
         "routing.default_pool: no pool is named `nope`",
+        "filters[0].header: `x request id` is not a valid HTTP header name",
     ] {
         assert!(
             stderr.contains(expected),
@@ -77,4 +78,25 @@ fn missing_file_and_invalid_yaml_fail_cleanly() {
     let (code, _, stderr) = check(&path);
     assert_eq!(code, 2);
     assert!(stderr.contains("not valid YAML"));
+}
+
+#[test]
+fn runtime_breaking_values_are_caught_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "pools:\n  - name: chat\n    models: [a]\n    backends: [{ address: \"127.0.0.1:1\", weight: 4294967296 }]\n    health_check: { path: \"/he alth\" }\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("pools[0].backends[0].weight: must be between 1 and 1000"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pools[0].health_check.path: is not a valid URL path"),
+        "{stderr}"
+    );
 }

@@ -216,3 +216,44 @@ fn request_smuggling_framing_is_refused_and_nothing_reaches_the_engine() {
     }
     assert_eq!(get_json(&engine.url("/mock/stats"))["requests"], 0);
 }
+
+#[test]
+fn engine_cutting_a_chunked_non_sse_body_leaves_it_visibly_truncated() {
+    use std::io::Read;
+    let addr = raw_engine(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n");
+    let gw = gateway(&one_pool(&[addr], "", ""));
+    wait_healthy(&gw, 1);
+    let mut s = raw_connect(gw.addr);
+    let body = r#"{"model":"tiny-chat","messages":[]}"#;
+    write_all(
+        &mut s,
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("{\"a\":"), "the relayed part arrived: {text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a terminal chunk would make the body look complete: {text:?}"
+    );
+}
+
+#[test]
+fn informational_1xx_from_the_engine_is_not_relayed_as_final() {
+    let addr = raw_engine(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{\"ok\":true}");
+    let gw = gateway(&one_pool(&[addr], "", ""));
+    wait_healthy(&gw, 1);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body(r#"{"model":"tiny-chat"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), r#"{"ok":true}"#);
+}

@@ -61,6 +61,13 @@ impl FilterConfig {
         }
     }
 
+    /// Check values serde cannot: `Err((key, message))` names the bad key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self {
+            FilterConfig::RequestId(cfg) => cfg.validate(),
+        }
+    }
+
     /// The chain used when the config has no `filters:` key.
     pub fn defaults() -> Vec<FilterConfig> {
         vec![FilterConfig::RequestId(RequestIdConfig::default())]

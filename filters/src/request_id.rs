@@ -20,6 +20,20 @@ impl Default for RequestIdConfig {
     }
 }
 
+impl RequestIdConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        // RFC 9110 token characters
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if self.header.is_empty() || !self.header.bytes().all(token) {
+            return Err((
+                "header",
+                format!("`{}` is not a valid HTTP header name", self.header),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub struct RequestId {
     header: &'static str,
 }
@@ -102,6 +116,15 @@ mod tests {
             assert_eq!(id.len(), 36, "a UUID is generated for {given:?}");
             assert_eq!(headers.get("x-request-id"), Some(id.as_str()));
         }
+    }
+
+    #[test]
+    fn header_name_is_validated() {
+        let bad = RequestIdConfig {
+            header: "x request id".into(),
+        };
+        assert!(bad.validate().is_err());
+        assert_eq!(RequestIdConfig::default().validate(), Ok(()));
     }
 
     #[test]

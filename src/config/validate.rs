@@ -13,6 +13,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+/// Round robin keeps one slot per unit of weight and Ketama 160 points per
+/// unit: large weights cost memory and can overflow, and ratios above this
+/// are not meaningful for engines.
+const MAX_WEIGHT: usize = 1000;
+
 pub struct RawConfig {
     pub server: RawServer,
     pub timeouts: RawTimeouts,
@@ -88,7 +93,7 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         upstream,
         routing,
         pools,
-        filters: raw.filters.into_iter().flatten().collect(),
+        filters: validate_filters(raw.filters, &mut errs),
     }
 }
 
@@ -211,8 +216,11 @@ fn validate_backends(at: &str, raw: Vec<RawBackend>, errs: &mut Errors) -> Vec<B
             RawBackend::Detailed(d) => (d.address, d.weight.unwrap_or(1)),
         };
         let path = format!("{at}.backends[{j}]");
-        if weight == 0 {
-            errs.push(format!("{path}.weight"), "must be at least 1");
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            errs.push(
+                format!("{path}.weight"),
+                format!("must be between 1 and {MAX_WEIGHT}"),
+            );
         }
         match resolve(&address) {
             Ok(addr) if out.iter().any(|b| b.address == addr) => {
@@ -220,7 +228,7 @@ fn validate_backends(at: &str, raw: Vec<RawBackend>, errs: &mut Errors) -> Vec<B
             }
             Ok(addr) => out.push(BackendConfig {
                 address: addr,
-                weight: weight.max(1),
+                weight: weight.clamp(1, MAX_WEIGHT),
             }),
             Err(e) => errs.push(path, e),
         }
@@ -233,6 +241,11 @@ fn validate_health(at: &str, raw: RawHealthCheck, errs: &mut Errors) -> HealthCh
     let path = raw.path.unwrap_or_else(|| "/health".to_string());
     if !path.starts_with('/') {
         errs.push(format!("{at}.path"), "must start with `/`");
+    } else if path.parse::<http::uri::PathAndQuery>().is_err() {
+        errs.push(
+            format!("{at}.path"),
+            "is not a valid URL path (spaces and non-ASCII must be %-encoded)",
+        );
     }
     let unhealthy_after = raw.unhealthy_after.unwrap_or(2);
     let healthy_after = raw.healthy_after.unwrap_or(1);
@@ -283,4 +296,16 @@ fn check_names(pools: &[PoolConfig], errs: &mut Errors) {
             }
         }
     }
+}
+
+fn validate_filters(raw: Vec<Option<FilterConfig>>, errs: &mut Errors) -> Vec<FilterConfig> {
+    let mut out = Vec::new();
+    for (i, filter) in raw.into_iter().enumerate() {
+        let Some(filter) = filter else { continue };
+        if let Err((key, message)) = filter.validate() {
+            errs.push(format!("filters[{i}].{key}"), message);
+        }
+        out.push(filter);
+    }
+    out
 }

@@ -12,12 +12,23 @@ const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 
 /// Rebuild the discovered model → pool table from every pool that allows it.
 pub async fn refresh(app: &AppState) {
+    let previous = app.router.discovered();
     let mut table = HashMap::new();
     for (index, pool) in app.router.pools().iter().enumerate() {
         if !pool.config.discover_models {
             continue;
         }
         let addresses: Vec<SocketAddr> = pool.serving_backends().map(|s| s.address).collect();
+        if addresses.is_empty() {
+            // pool down: keep what it served, so clients get 503 + Retry-After
+            // (retryable) rather than 404 model_not_found (not retried)
+            for (model, &pool_index) in previous.iter() {
+                if pool_index == index {
+                    table.entry(model.clone()).or_insert(index);
+                }
+            }
+            continue;
+        }
         for address in addresses {
             match fetch_models(app, address, pool.config.health_check.timeout).await {
                 Ok(models) => {

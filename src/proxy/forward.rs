@@ -225,7 +225,7 @@ async fn relay_response(
     let first_byte = app.config.timeouts.first_byte;
     let read_header = tokio::select! {
         biased;
-        res = timeout(first_byte, upstream.read_response()) => res,
+        res = timeout(first_byte, read_final_header(upstream)) => res,
         _ = client_closed(session) => {
             ctx.client_gone = true;
             log::info!("request {}: client left before the first byte; closing the engine connection", ctx.request_id());
@@ -371,6 +371,9 @@ async fn end_broken_stream(
     );
     session.set_keepalive(None);
     if !is_sse {
+        // Close without the final chunk (Pingora would add it on finish), so
+        // the client sees a truncated body, not a complete-looking one.
+        session.as_downstream_mut().shutdown().await;
         return;
     }
     let mut event = b"data: ".to_vec();
@@ -380,6 +383,20 @@ async fn end_broken_stream(
         .write_response_body(Some(Bytes::from(event)), false)
         .await;
     let _ = session.write_response_body(None, true).await;
+}
+
+/// Read response headers until a final (non-1xx) one; 1xx responses such as
+/// 103 Early Hints are dropped, never relayed as the final status.
+async fn read_final_header(upstream: &mut UpstreamSession) -> pingora_error::Result<()> {
+    loop {
+        upstream.read_response().await?;
+        let informational = upstream
+            .get_status()
+            .is_some_and(|s| s.is_informational() && s.as_u16() != 101);
+        if !informational {
+            return Ok(());
+        }
+    }
 }
 
 /// Resolves only when the client closes its connection (or it errors).

@@ -50,9 +50,12 @@ impl ProxyHttp for Gateway {
         // its next request meanwhile; with pipelining on, Pingora keeps those
         // bytes for the next request instead of dropping them.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // A client that stops reading must not pin an engine forever.
+        session.set_write_timeout(Some(self.app.config.timeouts.idle));
         handle(&self.app, session, ctx).await;
-        if !session.is_body_done() {
-            // we answered without draining the body: the connection cannot be reused
+        if ctx.client_gone || !session.is_body_done() {
+            // the client left, a write failed, or we answered without draining
+            // the body: the connection cannot be reused
             session.set_keepalive(None);
         }
         Ok(true)

@@ -7,6 +7,23 @@ use crate::errors::GatewayError;
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 
+/// After refusing a body, read and discard what the client is still sending
+/// (bounded in bytes and time) so it receives our 413 instead of a TCP reset
+/// from closing a socket with unread data (what nginx calls lingering close).
+pub async fn drain_briefly(session: &mut Session) {
+    const MAX_BYTES: usize = 8 << 20;
+    let work = async {
+        let mut seen = 0;
+        while seen < MAX_BYTES {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => seen += chunk.len(),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), work).await;
+}
+
 /// Refuse framings that two HTTP parsers could read differently: both
 /// `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.3 lets a server
 /// reject it; Pingora would accept it), or a coding other than `chunked`.
@@ -71,7 +88,8 @@ pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, 
                 detail: e.to_string(),
             })?;
     }
-    let capacity = declared.unwrap_or(0).min(limit) as usize;
+    // reserve for the declared size, but not more than 1 MiB before bytes arrive
+    let capacity = declared.unwrap_or(0).min(limit).min(1 << 20) as usize;
     let mut body = BytesMut::with_capacity(capacity);
     loop {
         let chunk = session

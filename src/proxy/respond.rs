@@ -63,5 +63,9 @@ pub async fn write_error(
         session.set_keepalive(None);
         extra.push(("connection", "close".to_string()));
     }
-    write_json(session, ctx, spec.status, spec.body(), &extra).await
+    write_json(session, ctx, spec.status, spec.body(), &extra).await?;
+    if let GatewayError::BodyTooLarge { .. } = error {
+        super::read_body::drain_briefly(session).await;
+    }
+    Ok(())
 }
