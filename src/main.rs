@@ -38,12 +38,14 @@ fn main() -> ExitCode {
             .iter()
             .map(|p| p.models.len() + p.aliases.len())
             .sum();
+        let filters = infergate_filters::Chain::from_config(&config.filters).names();
         println!(
-            "{}: OK ({} pools, {} model names, {} backends)",
+            "{}: OK ({} pools, {} model names, {} backends; filters: [{}])",
             cli.config.display(),
             config.pools.len(),
             models,
-            config.pools.iter().map(|p| p.backends.len()).sum::<usize>()
+            config.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
+            filters.join(", ")
         );
         return ExitCode::SUCCESS;
     }

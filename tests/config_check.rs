@@ -30,7 +30,8 @@ fn every_config_in_conf_is_valid() {
         if path.extension().is_some_and(|e| e == "yaml") {
             let (code, stdout, stderr) = check(&path);
             assert_eq!(code, 0, "{}: {stderr}", path.display());
-            assert!(stdout.contains("OK"));
+            assert!(stdout.contains("OK"), "{stdout}");
+            assert!(stdout.contains("filters: [request_id]"), "{stdout}");
             n += 1;
         }
     }
