@@ -1,12 +1,22 @@
 //! infergate's request filters, free of any Pingora type.
 //!
 //! A filter decides *whether and how* a request proceeds (identity, limits,
-//! request ids); routing decides *where* it goes and lives in the gateway.
-//! Each filter has a typed config (unknown keys are errors), lives in its own
-//! file with its tests, and is listed in [`registry`]. The gateway runs the
-//! [`Chain`] in `request_filter`, before it reads the body.
+//! CORS, request ids); routing decides *where* it goes and lives in the
+//! gateway. Each filter has a typed config (unknown keys are errors), lives in
+//! its own file or directory with its tests, and is listed in [`registry`].
+//!
+//! The gateway calls a filter at two points:
+//! - [`Filter::on_request`], before the body is read: headers, path, query.
+//!   Identity is established here, CORS preflights are answered here.
+//! - [`Filter::on_admit`], once the body is read and `model` is known, before
+//!   any engine is contacted: model access and limits.
+//!
+//! What they learn travels in [`FilterState`] to the response and the log.
 
+pub mod auth;
 mod chain;
+pub mod cors;
+pub mod limits;
 pub mod registry;
 mod request_id;
 
@@ -14,20 +24,125 @@ pub use chain::Chain;
 pub use registry::FilterConfig;
 pub use request_id::{RequestId, RequestIdConfig};
 
-/// Request headers as a filter sees them. The gateway implements this over
-/// Pingora's request header; tests implement it over a `Vec`.
-pub trait Headers {
-    fn get(&self, name: &str) -> Option<&str>;
-    fn set(&mut self, name: &'static str, value: &str);
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What an endpoint requires of its caller; the gateway's endpoint table
+/// decides, filters enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Status pages, metrics, unknown paths: no identity needed.
+    Public,
+    /// `POST /user/user_login`: no identity, but login attempts are limited.
+    Login,
+    /// The OpenAI API (`/v1/*`): a valid key or token.
+    Api,
+    /// `/admin/*`: a key or token with the admin role.
+    Admin,
+}
+
+/// One request as a filter sees it. The gateway implements this over
+/// Pingora's request header; tests implement it over plain fields.
+pub trait Request {
+    fn method(&self) -> &str;
+    fn path(&self) -> &str;
+    /// The raw query string, without `?`.
+    fn query(&self) -> Option<&str>;
+    /// Replace the query string (`None` removes it) in what goes upstream.
+    fn set_query(&mut self, query: Option<&str>);
+    fn header(&self, name: &str) -> Option<&str>;
+    fn set_header(&mut self, name: &'static str, value: &str);
+    fn remove_header(&mut self, name: &str);
+    fn access(&self) -> Access;
+    fn client_ip(&self) -> Option<IpAddr>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+/// Per-principal limits, each optional (absent = unlimited at this level).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Sustained requests per second (token bucket refill rate).
+    pub requests_per_second: Option<f64>,
+    /// Bucket size for requests; default: max(1, ceil(requests_per_second)).
+    pub burst: Option<u32>,
+    /// Requests in flight at once.
+    pub concurrent: Option<u32>,
+    /// Tokens (prompt + completion) per minute.
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Who is calling, as established by the `auth` filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// Stable, secret-free id for limiter state, the quota store and logs:
+    /// `key:<first 12 hex of the key's SHA-256>` or `user:<user_id>`.
+    pub id: String,
+    /// The principal's display name (the seed's `user`, or the user's email).
+    pub user: String,
+    pub role: Role,
+    /// Models this principal may use; `None` = all.
+    pub models: Option<Vec<String>>,
+    /// Limits for this principal; fields left `None` fall back to the
+    /// `limits` filter's `per_key` defaults.
+    pub limits: LimitSpec,
+    /// Total token quota over the principal's lifetime; `None` = unlimited.
+    pub quota: Option<u64>,
+}
+
+impl Identity {
+    /// Whether this principal may use `model` (served name or alias as the client wrote it).
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == model || m == "*"))
+    }
+}
+
+/// What the gateway knows once the body is read, for admission.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdmitInfo<'a> {
+    /// `model` as the client wrote it (`None`: no model, default pool).
+    pub model: Option<&'a str>,
+    /// Estimated prompt tokens (from the body size).
+    pub prompt_tokens_estimate: u64,
+    /// `max_completion_tokens` or `max_tokens` from the body, if given.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// What the filters learned about one request, carried to the response.
-#[derive(Debug, Default, Clone)]
+#[derive(Default)]
 pub struct FilterState {
     /// The request id the request runs under (client's or generated).
     pub request_id: Option<String>,
     /// Headers every response to this request carries, errors included.
     pub response_headers: Vec<(&'static str, String)>,
+    /// The authenticated caller, if any.
+    pub identity: Option<Arc<Identity>>,
+    /// Limit slots and token reservations held while the request runs;
+    /// settle it with the real usage, or drop it to refund.
+    pub admission: Option<limits::Admission>,
+}
+
+/// A response a filter gives instead of proceeding (e.g. a CORS preflight).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Whether the request goes on after a filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Respond(LocalResponse),
 }
 
 /// A filter's refusal: the gateway turns it into an OpenAI-shaped error.
@@ -38,37 +153,114 @@ pub struct Rejection {
     pub code: &'static str,
     pub param: Option<&'static str>,
     pub message: String,
+    /// Seconds for `Retry-After` (≥ 1), when waiting helps.
+    pub retry_after: Option<u32>,
+    /// Extra headers for this error (e.g. `x-should-retry: false`).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Rejection {
+    pub fn new(
+        status: u16,
+        error_type: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Rejection {
+            status,
+            error_type,
+            code,
+            param: None,
+            message: message.into(),
+            retry_after: None,
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// One step of the chain.
 pub trait Filter: Send + Sync {
     /// The name used in YAML and logs.
     fn name(&self) -> &'static str;
-    /// Inspect or change the request; `Err` stops the chain and answers the client.
+    /// Before the body is read. `Ok(Flow::Respond)` answers the client
+    /// without going further; `Err` answers with an error.
     fn on_request(
         &self,
-        headers: &mut dyn Headers,
+        req: &mut dyn Request,
         state: &mut FilterState,
-    ) -> Result<(), Rejection>;
+    ) -> Result<Flow, Rejection>;
+    /// Once `model` is known, before any engine is contacted.
+    fn on_admit(&self, _info: &AdmitInfo<'_>, _state: &mut FilterState) -> Result<(), Rejection> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::Headers;
+    use super::{Access, Request};
+    use std::net::IpAddr;
 
-    #[derive(Default)]
-    pub struct VecHeaders(pub Vec<(String, String)>);
+    /// A request for filter tests.
+    pub struct TestRequest {
+        pub method: String,
+        pub path: String,
+        pub query: Option<String>,
+        pub headers: Vec<(String, String)>,
+        pub access: Access,
+        pub client_ip: Option<IpAddr>,
+    }
 
-    impl Headers for VecHeaders {
-        fn get(&self, name: &str) -> Option<&str> {
-            self.0
+    impl Default for TestRequest {
+        fn default() -> Self {
+            TestRequest {
+                method: "POST".into(),
+                path: "/v1/chat/completions".into(),
+                query: None,
+                headers: Vec::new(),
+                access: Access::Api,
+                client_ip: None,
+            }
+        }
+    }
+
+    impl TestRequest {
+        pub fn with_header(mut self, name: &str, value: &str) -> Self {
+            self.headers.push((name.to_string(), value.to_string()));
+            self
+        }
+    }
+
+    impl Request for TestRequest {
+        fn method(&self) -> &str {
+            &self.method
+        }
+        fn path(&self) -> &str {
+            &self.path
+        }
+        fn query(&self) -> Option<&str> {
+            self.query.as_deref()
+        }
+        fn set_query(&mut self, query: Option<&str>) {
+            self.query = query.map(str::to_string);
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str())
         }
-        fn set(&mut self, name: &'static str, value: &str) {
-            self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            self.0.push((name.to_string(), value.to_string()));
+        fn set_header(&mut self, name: &'static str, value: &str) {
+            self.remove_header(name);
+            self.headers.push((name.to_string(), value.to_string()));
+        }
+        fn remove_header(&mut self, name: &str) {
+            self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        }
+        fn access(&self) -> Access {
+            self.access
+        }
+        fn client_ip(&self) -> Option<IpAddr> {
+            self.client_ip
         }
     }
 }

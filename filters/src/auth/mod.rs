@@ -1,0 +1,1 @@
+//! API keys, users, JWT (placeholder while being written).

@@ -1,0 +1,1 @@
+//! Limits (placeholder while being written).
