@@ -20,14 +20,37 @@ pub struct ModelField {
 struct Peek<'a> {
     #[serde(borrow)]
     model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
 }
 
-/// Parse `body` as a JSON object and return its `model`.
+/// What the gateway reads from a request body: routing, admission and usage
+/// accounting need these; everything else passes through untouched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyInfo {
+    pub model: Result<ModelField, GatewayError>,
+    /// `max_completion_tokens`, else `max_tokens`, when a non-negative integer.
+    pub max_output_tokens: Option<u64>,
+    /// `"stream": true`.
+    pub stream: bool,
+    /// `"stream_options": {"include_usage": true}`.
+    pub include_usage: bool,
+    /// Byte range of the `stream_options` value, when present.
+    pub stream_options_span: Option<Range<usize>>,
+}
+
+/// Parse `body` as a JSON object and read the fields the gateway needs.
 ///
-/// The whole body is validated (UTF-8, JSON syntax, nesting depth ≤ 128,
-/// no duplicate `model`), so a malformed body never reaches an engine.
-/// Other fields are skipped without being built into values.
-pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
+/// `Err` when the body itself is unusable (not UTF-8, not JSON, not an
+/// object, too deep); a missing or malformed `model` is reported in
+/// [`BodyInfo::model`] so callers that can route without one still may.
+pub fn inspect(body: &[u8]) -> Result<BodyInfo, GatewayError> {
     let text = std::str::from_utf8(body).map_err(|e| GatewayError::InvalidJson {
         detail: format!("the body is not valid UTF-8 at byte {}", e.valid_up_to()),
     })?;
@@ -48,7 +71,32 @@ pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
     let peek: Peek = serde_json::from_str(text).map_err(|e| GatewayError::InvalidJson {
         detail: e.to_string(),
     })?;
-    let raw = peek.model.ok_or(GatewayError::MissingModel)?;
+    let span_of = |raw: &RawValue| {
+        // `raw` borrows from `text`, so its offset is a pointer difference.
+        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+        start..start + raw.get().len()
+    };
+    let count = |raw: Option<&RawValue>| raw.and_then(|r| r.get().parse::<u64>().ok());
+    let include_usage = peek.stream_options.is_some_and(|raw| {
+        serde_json::from_str::<serde_json::Value>(raw.get())
+            .ok()
+            .and_then(|v| v.get("include_usage").and_then(serde_json::Value::as_bool))
+            == Some(true)
+    });
+    Ok(BodyInfo {
+        model: model_field(peek.model, span_of),
+        max_output_tokens: count(peek.max_completion_tokens).or(count(peek.max_tokens)),
+        stream: peek.stream.is_some_and(|r| r.get() == "true"),
+        include_usage,
+        stream_options_span: peek.stream_options.map(span_of),
+    })
+}
+
+fn model_field(
+    raw: Option<&RawValue>,
+    span_of: impl Fn(&RawValue) -> Range<usize>,
+) -> Result<ModelField, GatewayError> {
+    let raw = raw.ok_or(GatewayError::MissingModel)?;
     let json = raw.get();
     if json == "null" {
         return Err(GatewayError::MissingModel);
@@ -62,12 +110,19 @@ pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
     if name.is_empty() {
         return Err(GatewayError::MissingModel);
     }
-    // `raw` borrows from `text`, so its offset is a pointer difference.
-    let start = json.as_ptr() as usize - text.as_ptr() as usize;
     Ok(ModelField {
         name,
-        span: start..start + json.len(),
+        span: span_of(raw),
     })
+}
+
+/// Parse `body` as a JSON object and return its `model`.
+///
+/// The whole body is validated (UTF-8, JSON syntax, nesting depth ≤ 128,
+/// no duplicate `model`), so a malformed body never reaches an engine.
+/// Other fields are skipped without being built into values.
+pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
+    inspect(body)?.model
 }
 
 /// Deepest nesting accepted; serde_json's own limit for values it builds.
@@ -110,11 +165,63 @@ fn exceeds_depth(body: &[u8], limit: usize) -> bool {
 /// The body with the `model` value replaced by `served` (JSON-escaped), every
 /// other byte unchanged.
 pub fn rewrite_model(body: &[u8], field: &ModelField, served: &str) -> Vec<u8> {
+    apply_edits(body, vec![model_edit(field, served)])
+}
+
+/// A replacement of `range` in the body by new bytes.
+pub type Edit = (Range<usize>, Vec<u8>);
+
+/// The edit that renames the model.
+pub fn model_edit(field: &ModelField, served: &str) -> Edit {
     let value = serde_json::Value::String(served.to_string()).to_string();
-    let mut out = Vec::with_capacity(body.len() + value.len());
-    out.extend_from_slice(&body[..field.span.start]);
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(&body[field.span.end..]);
+    (field.span.clone(), value.into_bytes())
+}
+
+/// The edit that asks a streaming engine for a final usage chunk
+/// (`stream_options.include_usage = true`), keeping any other stream option.
+/// `None` when the body already asks for it or is not streaming.
+pub fn include_usage_edit(body: &[u8], info: &BodyInfo) -> Option<Edit> {
+    if !info.stream || info.include_usage {
+        return None;
+    }
+    match &info.stream_options_span {
+        Some(span) => {
+            let mut options: serde_json::Map<String, serde_json::Value> =
+                match serde_json::from_slice(body.get(span.clone())?) {
+                    Ok(map) => map,
+                    // `null` or a non-object: let the engine judge the client's value
+                    Err(_) => return None,
+                };
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let value = serde_json::to_vec(&options).ok()?;
+            Some((span.clone(), value))
+        }
+        None => {
+            // right after the opening brace
+            let open = body.iter().position(|&b| b == b'{')?;
+            Some((
+                open + 1..open + 1,
+                br#""stream_options":{"include_usage":true},"#.to_vec(),
+            ))
+        }
+    }
+}
+
+/// Apply non-overlapping edits; every byte outside them is unchanged.
+pub fn apply_edits(body: &[u8], mut edits: Vec<Edit>) -> Vec<u8> {
+    edits.sort_by_key(|(range, _)| range.start);
+    let extra: usize = edits.iter().map(|(_, b)| b.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for (range, bytes) in edits {
+        if range.start < at || range.end > body.len() {
+            continue; // overlapping or out of range: never produced by this module
+        }
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(&bytes);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
     out
 }
 
@@ -181,6 +288,59 @@ mod tests {
         let at_limit = format!("{}{}", "[".repeat(127), "]".repeat(127));
         assert!(!exceeds_depth(at_limit.as_bytes(), MAX_DEPTH));
         assert!(exceeds_depth("{".repeat(129).as_bytes(), MAX_DEPTH));
+    }
+
+    #[test]
+    fn reads_admission_fields() {
+        let info = inspect(br#"{"model":"m","max_tokens":50,"stream":true}"#).unwrap();
+        assert_eq!(
+            (info.max_output_tokens, info.stream, info.include_usage),
+            (Some(50), true, false)
+        );
+        let info = inspect(
+            br#"{"model":"m","max_tokens":50,"max_completion_tokens":7,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (info.max_output_tokens, info.stream, info.include_usage),
+            (Some(7), false, true)
+        );
+        let info = inspect(br#"{"max_tokens":"lots"}"#).unwrap();
+        assert_eq!(info.max_output_tokens, None);
+        assert_eq!(info.model, Err(GatewayError::MissingModel));
+    }
+
+    #[test]
+    fn include_usage_is_added_or_merged() {
+        let body = br#" {"model":"m","stream":true}"#;
+        let info = inspect(body).unwrap();
+        let edit = include_usage_edit(body, &info).unwrap();
+        let out = apply_edits(body, vec![edit]);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            r#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        let body = br#"{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":false,"include_usage":false}}"#;
+        let info = inspect(body).unwrap();
+        let field = info.model.clone().unwrap();
+        let out = apply_edits(
+            body,
+            vec![
+                include_usage_edit(body, &info).unwrap(),
+                model_edit(&field, "served"),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "served");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["continuous_usage_stats"], false);
+        // already asked for, or not streaming: nothing to do
+        for body in [
+            &br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#[..],
+            &br#"{"model":"m"}"#[..],
+        ] {
+            assert_eq!(include_usage_edit(body, &inspect(body).unwrap()), None);
+        }
     }
 
     #[test]

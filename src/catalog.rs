@@ -4,6 +4,7 @@
 //! (`/health`, `/health/ready`, `/services`, `/stats`) in the seeds' shapes.
 
 use crate::state::AppState;
+use infergate_filters::Identity;
 use serde_json::{json, Value};
 
 fn unix(t: std::time::SystemTime) -> u64 {
@@ -56,18 +57,32 @@ pub fn list_models(app: &AppState) -> Vec<Value> {
     out
 }
 
-pub fn list_body(app: &AppState) -> Vec<u8> {
-    json!({"object": "list", "data": list_models(app)})
+/// Only the models `identity` may use (all of them without auth).
+pub fn list_body(app: &AppState, identity: Option<&Identity>) -> Vec<u8> {
+    let models: Vec<Value> = list_models(app)
+        .into_iter()
+        .filter(|m| visible(m, identity))
+        .collect();
+    json!({"object": "list", "data": models})
         .to_string()
         .into_bytes()
 }
 
-/// One model by id, or `None` (the caller answers 404 `model_not_found`).
-pub fn model_body(app: &AppState, id: &str) -> Option<Vec<u8>> {
+/// One model by id, or `None` (the caller answers 404 `model_not_found`,
+/// also for a model the caller may not use).
+pub fn model_body(app: &AppState, id: &str, identity: Option<&Identity>) -> Option<Vec<u8>> {
     list_models(app)
         .into_iter()
-        .find(|m| m["id"] == id)
+        .find(|m| m["id"] == id && visible(m, identity))
         .map(|m| m.to_string().into_bytes())
+}
+
+fn visible(model: &Value, identity: Option<&Identity>) -> bool {
+    match (identity, model["id"].as_str()) {
+        (None, _) => true,
+        (Some(identity), Some(id)) => identity.may_use(id),
+        (Some(_), None) => false,
+    }
 }
 
 /// `GET /health`: the InfiniLM router's shape (`status`, `healthy_services`).

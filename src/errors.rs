@@ -41,6 +41,8 @@ pub enum GatewayError {
     UpstreamFailed { detail: String },
     /// A filter refused the request.
     Rejected(Rejection),
+    /// A bug or a failed worker inside the gateway.
+    Internal { detail: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,8 @@ pub struct ErrorSpec {
     pub message: String,
     /// Seconds for `Retry-After`, when a retry can help.
     pub retry_after: Option<u32>,
+    /// Extra response headers (a filter's, e.g. `x-should-retry`).
+    pub headers: Vec<(&'static str, String)>,
     /// Whether the client connection can be kept (false when the body was not drained).
     pub keep_alive: bool,
     pub log_level: log::Level,
@@ -110,10 +114,17 @@ impl GatewayError {
             E::UpstreamFailed { detail } => (502, "upstream_error", "upstream_error", None,
                 format!("The engine failed to complete the request: {detail}.")),
             E::Rejected(r) => (r.status, r.error_type, r.code, r.param, r.message.clone()),
+            E::Internal { detail } => (500, "server_error", "internal_error", None,
+                format!("The gateway failed to handle the request ({detail}). Retry; if it persists, tell the operator.")),
         };
         let retry_after = match self {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } => Some(1),
+            E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             _ => None,
+        };
+        let headers = match self {
+            E::Rejected(r) => r.headers.clone(),
+            _ => Vec::new(),
         };
         let keep_alive = !matches!(
             self,
@@ -131,6 +142,7 @@ impl GatewayError {
             param,
             message,
             retry_after,
+            headers,
             keep_alive,
             log_level,
         }

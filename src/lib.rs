@@ -4,14 +4,17 @@
 //!
 //! | hook (src/proxy)      | seam                 | what it decides                           |
 //! |-----------------------|----------------------|-------------------------------------------|
-//! | `request_filter`      | `infergate-filters`  | request id (later: auth, limits)          |
-//! |                       | `proxy::endpoint`    | which endpoint the path names             |
+//! | `request_filter`      | `proxy::endpoint`    | which endpoint the path names, its access |
+//! |                       | `infergate-filters`  | request id, CORS, identity (`on_request`) |
 //! |                       | `catalog`            | `/v1/models`, `/health` answered locally  |
 //! |                       | `proxy::read_body`   | whole body, size limit, 100-continue      |
 //! |                       | `body`               | `model` and its alias rewrite             |
 //! |                       | `routing`            | model → pool → backend (health, balance)  |
+//! |                       | `infergate-filters`  | model access, limits (`on_admit`)         |
+//! |                       | `proxy::admin`       | login, `/admin/*`                         |
 //! |                       | `proxy::forward`     | upstream exchange, streaming, failover    |
-//! | `logging`             | `proxy` (access log) | one line per request, always              |
+//! |                       | `usage`              | token usage read off the response         |
+//! | `logging`             | `proxy` (access log) | one line per request, settles usage       |
 //! | background service    | `health`             | health checks, model discovery            |
 //!
 //! `config` turns YAML into a validated [`config::Config`]; `errors` maps every
@@ -27,3 +30,4 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod usage;

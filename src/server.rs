@@ -22,10 +22,36 @@ fn concrete_listen(addr: SocketAddr) -> std::io::Result<SocketAddr> {
 }
 
 /// Run until SIGTERM/SIGINT. Never returns normally (Pingora exits the process).
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(mut config: Config) -> Result<(), String> {
     let listen = concrete_listen(config.server.listen)
         .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
-    let app = AppState::new(config).map_err(|e| format!("cannot build pools: {e}"))?;
+    if let Some(admin) = config.server.admin_listen {
+        let admin = concrete_listen(admin).map_err(|e| format!("cannot bind {admin}: {e}"))?;
+        config.server.admin_listen = Some(admin);
+    }
+    let admin_listen = config.server.admin_listen;
+    let app = AppState::new(config)?;
+    if let Some(auth) = &app.auth {
+        if auth.config().watch {
+            auth.spawn_watcher(Box::new(|outcome| match outcome {
+                Ok(report) => {
+                    log::info!(
+                        "keys/users files changed: reloaded {} keys, {} users",
+                        report.keys,
+                        report.users
+                    );
+                    for warning in &report.warnings {
+                        log::warn!("{warning}");
+                    }
+                }
+                Err(reason) => {
+                    log::error!(
+                        "keys/users files changed but reloading failed, nothing changed: {reason}"
+                    )
+                }
+            }))?;
+        }
+    }
     let conf = ServerConf {
         threads: app.config.server.threads,
         grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
@@ -37,25 +63,33 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut proxy =
         pingora_proxy::http_proxy_service(&server.configuration, Gateway { app: app.clone() });
     proxy.add_tcp(&listen.to_string());
+    if let Some(admin) = admin_listen {
+        proxy.add_tcp(&admin.to_string());
+    }
     server.add_service(proxy);
     server.add_service(background_service("pool supervisor", Supervisor { app }));
-    announce_when_listening(listen);
+    // the main listener's line first: scripts read the first line
+    let mut announce = vec![(listen, "")];
+    announce.extend(admin_listen.map(|a| (a, "admin ")));
+    announce_when_listening(announce);
     server.run_forever();
 }
 
 /// Print the ready line once the listener accepts connections, so tests and
 /// scripts learn readiness (and a port-0 address) from the process itself.
-fn announce_when_listening(addr: SocketAddr) {
+fn announce_when_listening(listeners: Vec<(SocketAddr, &'static str)>) {
     std::thread::spawn(move || {
-        for _ in 0..600 {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                println!("infergate listening on http://{addr}");
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
-                return;
+        'next: for (addr, what) in listeners {
+            for _ in 0..600 {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    println!("infergate {what}listening on http://{addr}");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    continue 'next;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            log::error!("the listener on {addr} never accepted a connection");
         }
-        log::error!("the listener on {addr} never accepted a connection");
     });
 }

@@ -2,6 +2,8 @@
 
 use crate::config::Config;
 use crate::routing::Router;
+use infergate_filters::auth::Auth;
+use infergate_filters::limits::Limits;
 use infergate_filters::Chain;
 use pingora_core::connectors::http::v1::Connector;
 use std::sync::Arc;
@@ -10,18 +12,30 @@ pub struct AppState {
     pub config: Config,
     pub router: Router,
     pub chain: Chain,
+    /// The `auth` filter's keys and users, for login and `/admin/reload-keys`.
+    pub auth: Option<Arc<Auth>>,
+    /// The `limits` filter's state, for `/admin/usage`.
+    pub limits: Option<Arc<Limits>>,
     /// Pooled HTTP/1.1 connections to engines (vLLM, SGLang, llama.cpp speak HTTP/1.1).
     pub connector: Connector,
     pub started_at: std::time::SystemTime,
 }
 
 impl AppState {
-    pub fn new(config: Config) -> std::io::Result<Arc<Self>> {
-        let router = Router::new(&config)?;
-        let chain = Chain::from_config(&config.filters);
+    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+        let router = Router::new(&config).map_err(|e| format!("cannot build pools: {e}"))?;
+        let built = infergate_filters::registry::build(&config.filters)?;
+        for warning in &built.warnings {
+            log::warn!("{warning}");
+        }
+        let chain = built.chain;
+        let auth = built.auth;
+        let limits = built.limits;
         Ok(Arc::new(AppState {
             router,
             chain,
+            auth,
+            limits,
             connector: Connector::new(None),
             config,
             started_at: std::time::SystemTime::now(),

@@ -184,11 +184,8 @@ pub trait Filter: Send + Sync {
     fn name(&self) -> &'static str;
     /// Before the body is read. `Ok(Flow::Respond)` answers the client
     /// without going further; `Err` answers with an error.
-    fn on_request(
-        &self,
-        req: &mut dyn Request,
-        state: &mut FilterState,
-    ) -> Result<Flow, Rejection>;
+    fn on_request(&self, req: &mut dyn Request, state: &mut FilterState)
+        -> Result<Flow, Rejection>;
     /// Once `model` is known, before any engine is contacted.
     fn on_admit(&self, _info: &AdmitInfo<'_>, _state: &mut FilterState) -> Result<(), Rejection> {
         Ok(())

@@ -5,18 +5,25 @@
 //!   - request_id: { header: x-request-id }
 //! ```
 
+use crate::auth::{Auth, AuthConfig, AuthFilter};
+use crate::cors::{Cors, CorsConfig};
+use crate::limits::{Limits, LimitsConfig, LimitsFilter};
 use crate::request_id::{RequestId, RequestIdConfig};
-use crate::Filter;
+use crate::{Chain, Filter};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// Names of all built-in filters, in the order they are documented.
-pub const BUILTIN: &[&str] = &["request_id"];
+pub const BUILTIN: &[&str] = &["request_id", "cors", "auth", "limits"];
 
 /// One entry of the `filters:` list: the filter's name and its typed config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FilterConfig {
     RequestId(RequestIdConfig),
+    Cors(CorsConfig),
+    Auth(AuthConfig),
+    Limits(LimitsConfig),
 }
 
 /// A one-key map `{name: config}`. Written by hand because serde_yaml 0.9
@@ -42,6 +49,15 @@ impl<'de> Deserialize<'de> for FilterConfig {
                         let cfg: Option<RequestIdConfig> = map.next_value()?;
                         FilterConfig::RequestId(cfg.unwrap_or_default())
                     }
+                    "cors" => {
+                        let cfg: Option<CorsConfig> = map.next_value()?;
+                        FilterConfig::Cors(cfg.unwrap_or_default())
+                    }
+                    "auth" => FilterConfig::Auth(map.next_value()?),
+                    "limits" => {
+                        let cfg: Option<LimitsConfig> = map.next_value()?;
+                        FilterConfig::Limits(cfg.unwrap_or_default())
+                    }
                     other => return Err(de::Error::unknown_variant(other, BUILTIN)),
                 };
                 if map.next_key::<String>()?.is_some() {
@@ -55,16 +71,23 @@ impl<'de> Deserialize<'de> for FilterConfig {
 }
 
 impl FilterConfig {
-    pub fn build(&self) -> Box<dyn Filter> {
+    pub fn name(&self) -> &'static str {
         match self {
-            FilterConfig::RequestId(cfg) => Box::new(RequestId::new(cfg.clone())),
+            FilterConfig::RequestId(_) => "request_id",
+            FilterConfig::Cors(_) => "cors",
+            FilterConfig::Auth(_) => "auth",
+            FilterConfig::Limits(_) => "limits",
         }
     }
 
     /// Check values serde cannot: `Err((key, message))` names the bad key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let named = |(k, m): (&'static str, String)| (k.to_string(), m);
         match self {
-            FilterConfig::RequestId(cfg) => cfg.validate(),
+            FilterConfig::RequestId(cfg) => cfg.validate().map_err(named),
+            FilterConfig::Cors(cfg) => cfg.validate().map_err(named),
+            FilterConfig::Auth(cfg) => cfg.validate(),
+            FilterConfig::Limits(cfg) => cfg.validate(),
         }
     }
 
@@ -72,6 +95,72 @@ impl FilterConfig {
     pub fn defaults() -> Vec<FilterConfig> {
         vec![FilterConfig::RequestId(RequestIdConfig::default())]
     }
+}
+
+/// The chain and the typed handles the gateway needs beside it.
+#[derive(Default)]
+pub struct Built {
+    pub chain: Chain,
+    /// Things worth one log line at start (e.g. plain-text keys).
+    pub warnings: Vec<String>,
+    /// The `auth` filter's state (login, reloads), when configured.
+    pub auth: Option<Arc<Auth>>,
+    /// The `limits` filter's state (`/admin/usage`), when configured.
+    pub limits: Option<Arc<Limits>>,
+}
+
+/// Build the chain; loading a filter's files may fail (`Err` says which and why).
+pub fn build(configs: &[FilterConfig]) -> Result<Built, String> {
+    let mut filters: Vec<Box<dyn Filter>> = Vec::with_capacity(configs.len());
+    let mut warnings = Vec::new();
+    let mut auth = None;
+    let mut limits = None;
+    for config in configs {
+        match config {
+            FilterConfig::RequestId(cfg) => filters.push(Box::new(RequestId::new(cfg.clone()))),
+            FilterConfig::Cors(cfg) => filters.push(Box::new(Cors::new(cfg.clone()))),
+            FilterConfig::Auth(cfg) => {
+                let (built, mut loaded) = Auth::new(cfg.clone())?;
+                warnings.append(&mut loaded);
+                let built = Arc::new(built);
+                filters.push(Box::new(AuthFilter(built.clone())));
+                auth = Some(built);
+            }
+            FilterConfig::Limits(cfg) => {
+                let built = Arc::new(Limits::new(cfg.clone())?);
+                filters.push(Box::new(LimitsFilter(built.clone())));
+                limits = Some(built);
+            }
+        }
+    }
+    // A quota must outlive restarts: it needs the store.
+    if let (Some(auth), Some(limits)) = (&auth, &limits) {
+        let with_quota = auth
+            .identities()
+            .iter()
+            .filter(|i| i.quota.is_some())
+            .count();
+        if with_quota > 0 && !limits.has_store() {
+            return Err(format!(
+                "{with_quota} keys or users have a quota, but the limits filter has no data_dir to keep usage across restarts; set limits.data_dir"
+            ));
+        }
+    }
+    if auth
+        .as_ref()
+        .is_some_and(|a| a.identities().iter().any(|i| i.quota.is_some()))
+        && limits.is_none()
+    {
+        warnings.push(
+            "keys or users have a quota, but no `limits` filter is configured: quotas are not enforced".to_string(),
+        );
+    }
+    Ok(Built {
+        chain: Chain::new(filters),
+        warnings,
+        auth,
+        limits,
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! sane one, a fresh UUID otherwise. The id goes upstream in the same header
 //! and comes back on every response, errors included.
 
-use crate::{Filter, FilterState, Headers, Rejection};
+use crate::{Filter, FilterState, Flow, Rejection, Request};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -64,39 +64,39 @@ impl Filter for RequestId {
 
     fn on_request(
         &self,
-        headers: &mut dyn Headers,
+        req: &mut dyn Request,
         state: &mut FilterState,
-    ) -> Result<(), Rejection> {
-        let id = match headers.get(self.header) {
+    ) -> Result<Flow, Rejection> {
+        let id = match req.header(self.header) {
             Some(given) if acceptable(given) => given.to_string(),
             _ => {
                 let fresh = uuid::Uuid::new_v4().to_string();
-                headers.set(self.header, &fresh);
+                req.set_header(self.header, &fresh);
                 fresh
             }
         };
         state.response_headers.push((self.header, id.clone()));
         state.request_id = Some(id);
-        Ok(())
+        Ok(Flow::Continue)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::VecHeaders;
+    use crate::testing::TestRequest;
 
-    fn run(headers: &mut VecHeaders) -> FilterState {
+    fn run(req: &mut TestRequest) -> FilterState {
         let mut state = FilterState::default();
         let filter = RequestId::new(RequestIdConfig::default());
-        assert_eq!(filter.on_request(headers, &mut state), Ok(()));
+        assert_eq!(filter.on_request(req, &mut state), Ok(Flow::Continue));
         state
     }
 
     #[test]
     fn keeps_a_clean_client_id() {
-        let mut headers = VecHeaders(vec![("X-Request-Id".into(), "abc-123".into())]);
-        let state = run(&mut headers);
+        let mut req = TestRequest::default().with_header("X-Request-Id", "abc-123");
+        let state = run(&mut req);
         assert_eq!(state.request_id.as_deref(), Some("abc-123"));
         assert_eq!(
             state.response_headers,
@@ -107,14 +107,14 @@ mod tests {
     #[test]
     fn replaces_a_missing_or_unsafe_id_upstream_too() {
         for given in [None, Some("has space"), Some("")] {
-            let mut headers = VecHeaders::default();
+            let mut req = TestRequest::default();
             if let Some(g) = given {
-                headers.0.push(("x-request-id".into(), g.into()));
+                req = req.with_header("x-request-id", g);
             }
-            let state = run(&mut headers);
+            let state = run(&mut req);
             let id = state.request_id.unwrap_or_default();
             assert_eq!(id.len(), 36, "a UUID is generated for {given:?}");
-            assert_eq!(headers.get("x-request-id"), Some(id.as_str()));
+            assert_eq!(req.header("x-request-id"), Some(id.as_str()));
         }
     }
 

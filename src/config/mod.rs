@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub threads: usize,
     pub max_request_body_bytes: u64,
     pub grace_period: Duration,
+    /// When set, `/admin/*` is served only on this address (e.g. loopback).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +120,9 @@ pub struct PoolConfig {
     pub health_check: HealthCheckConfig,
     pub discover_models: bool,
     pub owned_by: String,
+    /// Ask streaming engines for usage (`stream_options.include_usage`) when
+    /// the client did not, and hide that extra chunk from the client.
+    pub inject_stream_usage: bool,
 }
 
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 * 1024 * 1024;

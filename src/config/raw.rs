@@ -14,6 +14,7 @@ pub struct RawServer {
     pub threads: Option<usize>,
     pub max_request_body_bytes: Option<u64>,
     pub grace_period: Option<String>,
+    pub admin_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,4 +77,5 @@ pub struct RawPool {
     pub health_check: Option<RawHealthCheck>,
     pub discover_models: Option<bool>,
     pub owned_by: Option<String>,
+    pub inject_stream_usage: Option<bool>,
 }

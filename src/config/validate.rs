@@ -126,6 +126,11 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
         threads: threads.max(1),
         max_request_body_bytes: max_body,
         grace_period: errs.duration("server.grace_period", raw.grace_period.as_ref(), secs(5)),
+        admin_listen: raw.admin_listen.and_then(|text| {
+            resolve(&text)
+                .map_err(|e| errs.push("server.admin_listen", e))
+                .ok()
+        }),
     }
 }
 
@@ -202,6 +207,7 @@ fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
         hash_header,
         discover_models: raw.discover_models.unwrap_or(true),
         owned_by: raw.owned_by.unwrap_or_else(|| "infergate".to_string()),
+        inject_stream_usage: raw.inject_stream_usage.unwrap_or(true),
     }
 }
 
@@ -299,11 +305,25 @@ fn check_names(pools: &[PoolConfig], errs: &mut Errors) {
 }
 
 fn validate_filters(raw: Vec<Option<FilterConfig>>, errs: &mut Errors) -> Vec<FilterConfig> {
-    let mut out = Vec::new();
+    let mut out: Vec<FilterConfig> = Vec::new();
     for (i, filter) in raw.into_iter().enumerate() {
         let Some(filter) = filter else { continue };
         if let Err((key, message)) = filter.validate() {
             errs.push(format!("filters[{i}].{key}"), message);
+        }
+        if out.iter().any(|f| f.name() == filter.name()) {
+            errs.push(
+                format!("filters[{i}]"),
+                format!("`{}` is listed twice; each filter runs once", filter.name()),
+            );
+        }
+        // A preflight carries no credentials: CORS must answer it before auth asks for one.
+        if filter.name() == "cors" && out.iter().any(|f| f.name() == "auth") {
+            errs.push(
+                format!("filters[{i}]"),
+                "`cors` must come before `auth`, or browsers' preflight requests get 401"
+                    .to_string(),
+            );
         }
         out.push(filter);
     }

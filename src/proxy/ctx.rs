@@ -1,6 +1,7 @@
 //! Per-request context: what the hooks decided, for the response and the log.
 
 use crate::routing::InflightGuard;
+use crate::usage::UsageTap;
 use infergate_filters::FilterState;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -21,6 +22,16 @@ pub struct RequestCtx {
     pub first_byte_at: Option<Instant>,
     /// The client went away before the response was complete.
     pub client_gone: bool,
+    /// The authenticated principal's name, for the log.
+    pub user: Option<String>,
+    /// Prompt tokens estimated from the body size (admission, fallback usage).
+    pub prompt_estimate: u64,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// The gateway added `stream_options.include_usage` to the request.
+    pub injected_usage: bool,
+    /// Reads usage off the response.
+    pub tap: UsageTap,
 }
 
 impl RequestCtx {
@@ -39,6 +50,11 @@ impl RequestCtx {
             response_bytes: 0,
             first_byte_at: None,
             client_gone: false,
+            user: None,
+            prompt_estimate: 0,
+            stream: false,
+            injected_usage: false,
+            tap: UsageTap::off(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Which endpoint a request line names. Pure: method + path in, decision out.
 
 use crate::errors::GatewayError;
+use infergate_filters::Access;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -19,6 +20,12 @@ pub enum Endpoint {
     Stats,
     /// Any other `/v1/*`: body `model` if there is one, else the default pool.
     OtherV1,
+    /// `POST /user/user_login`: email + password → JWT (seed 004).
+    Login,
+    /// `POST /admin/reload-keys`: reload the API keys and users files.
+    AdminReloadKeys,
+    /// `GET /admin/usage`: each principal's quota, usage and in-flight requests.
+    AdminUsage,
 }
 
 impl Endpoint {
@@ -34,7 +41,40 @@ impl Endpoint {
             Endpoint::Services => "services",
             Endpoint::Stats => "stats",
             Endpoint::OtherV1 => "other",
+            Endpoint::Login => "login",
+            Endpoint::AdminReloadKeys => "admin_reload_keys",
+            Endpoint::AdminUsage => "admin_usage",
         }
+    }
+
+    /// What the caller must prove.
+    pub fn access(&self) -> Access {
+        match self {
+            Endpoint::Inference(_)
+            | Endpoint::ListModels
+            | Endpoint::GetModel(_)
+            | Endpoint::OtherV1 => Access::Api,
+            Endpoint::Login => Access::Login,
+            Endpoint::AdminReloadKeys | Endpoint::AdminUsage => Access::Admin,
+            Endpoint::GatewayHealth
+            | Endpoint::Live
+            | Endpoint::Ready
+            | Endpoint::Services
+            | Endpoint::Stats => Access::Public,
+        }
+    }
+}
+
+/// Access for a path that did not classify (404/405): an unknown `/admin/*`
+/// path still asks for the admin role, so the admin surface is not mapped by
+/// anonymous probing; `/v1/*` asks for a key.
+pub fn access_for_path(path: &str) -> Access {
+    if path == "/admin" || path.starts_with("/admin/") {
+        Access::Admin
+    } else if path.starts_with("/v1/") {
+        Access::Api
+    } else {
+        Access::Public
     }
 }
 
@@ -71,6 +111,19 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
         "/health/ready" => return get_only(Endpoint::Ready),
         "/services" => return get_only(Endpoint::Services),
         "/stats" => return get_only(Endpoint::Stats),
+        "/admin/usage" => return get_only(Endpoint::AdminUsage),
+        "/user/user_login" => {
+            return match method {
+                "POST" => Ok(Endpoint::Login),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            }
+        }
+        "/admin/reload-keys" => {
+            return match method {
+                "POST" => Ok(Endpoint::AdminReloadKeys),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            }
+        }
         _ => {}
     }
     for prefix in ["/v1/models/", "/models/"] {

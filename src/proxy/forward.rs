@@ -14,6 +14,7 @@ use super::upstream_error;
 use crate::errors::{GatewayError, TimeoutPhase};
 use crate::routing::Pool;
 use crate::state::AppState;
+use crate::usage::UsageTap;
 use bytes::Bytes;
 use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -259,7 +260,22 @@ async fn relay_response(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let response = downstream_header(&header, ctx)?;
+    let is_json = header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let mut response = downstream_header(&header, ctx)?;
+    ctx.tap = if is_sse {
+        if ctx.injected_usage {
+            // the usage-only chunk is removed, so the length changes: chunked
+            response.remove_header("content-length");
+        }
+        UsageTap::sse(ctx.injected_usage)
+    } else if is_json {
+        UsageTap::json()
+    } else {
+        UsageTap::off()
+    };
     ctx.status = response.status.as_u16();
     if session
         .write_response_header(Box::new(response), false)
@@ -316,7 +332,7 @@ async fn relay_body(
         if upstream.is_body_done() {
             // the client may already hold the whole response and send its next
             // request: stop probing its socket now
-            return Ok(());
+            return flush_tap(session, ctx).await;
         }
         let chunk = tokio::select! {
             biased;
@@ -338,8 +354,14 @@ async fn relay_body(
                     ),
                 }));
             }
-            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(None)) => return flush_tap(session, ctx).await,
             Ok(Ok(Some(bytes))) => {
+                let bytes = ctx.tap.on_chunk(bytes);
+                if bytes.is_empty() {
+                    // everything in it was held back or removed; an empty
+                    // chunk would end a chunked body
+                    continue;
+                }
                 ctx.response_bytes += bytes.len();
                 if session
                     .write_response_body(Some(bytes), false)
@@ -351,6 +373,21 @@ async fn relay_body(
             }
         }
     }
+}
+
+/// Bytes the usage tap held back (an unterminated last event) go out as they were.
+async fn flush_tap(session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Interrupted> {
+    if let Some(rest) = ctx.tap.flush() {
+        ctx.response_bytes += rest.len();
+        if session
+            .write_response_body(Some(rest), false)
+            .await
+            .is_err()
+        {
+            return Err(Interrupted::ClientGone);
+        }
+    }
+    Ok(())
 }
 
 /// The engine failed after the response started. An SSE client gets one

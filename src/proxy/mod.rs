@@ -8,6 +8,7 @@
 //! see docs/adr/0001-body-pre-read.md for why. `logging` writes the access
 //! line for every request, success, error or disconnect.
 
+mod admin;
 mod ctx;
 mod endpoint;
 mod forward;
@@ -19,17 +20,19 @@ mod upstream_error;
 pub use ctx::RequestCtx;
 pub use endpoint::{classify, Endpoint};
 
-use crate::body::{extract_model, rewrite_model};
+use crate::body::{apply_edits, include_usage_edit, inspect, model_edit, BodyInfo};
 use crate::catalog;
 use crate::errors::GatewayError;
 use crate::state::AppState;
 use async_trait::async_trait;
 use bytes::Bytes;
-use infergate_filters::Headers;
+use infergate_filters::limits::Usage;
+use infergate_filters::{Access, AdmitInfo, Flow, Request};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
 use pingora_proxy::{ProxyHttp, Session};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 pub struct Gateway {
@@ -74,10 +77,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let usage = settle_usage(ctx);
         let req = session.req_header();
         log::info!(
             target: "access",
-            "{} {} {} status={} dur_ms={:.3} ttfb_ms={} endpoint={} model={} pool={} backend={} req_bytes={} resp_bytes={} error={} client_gone={}{}",
+            "{} {} {} status={} dur_ms={:.3} ttfb_ms={} endpoint={} user={} model={} pool={} backend={} req_bytes={} resp_bytes={} prompt_tokens={} completion_tokens={} usage={} error={} client_gone={}{}",
             ctx.request_id(),
             req.method,
             req.uri.path(),
@@ -85,11 +89,15 @@ impl ProxyHttp for Gateway {
             ctx.started.elapsed().as_secs_f64() * 1000.0,
             ctx.first_byte_at.map_or("-".to_string(), |t| format!("{:.3}", (t - ctx.started).as_secs_f64() * 1000.0)),
             ctx.endpoint,
+            ctx.user.as_deref().unwrap_or("-"),
             ctx.model.as_deref().unwrap_or("-"),
             ctx.pool.as_deref().unwrap_or("-"),
             ctx.backend.map_or("-".to_string(), |b| b.to_string()),
             ctx.request_bytes,
             ctx.response_bytes,
+            usage.map_or("-".to_string(), |u| u.prompt_tokens.to_string()),
+            usage.map_or("-".to_string(), |u| u.completion_tokens.to_string()),
+            usage.map_or("-", |u| if u.estimated { "estimated" } else { "reported" }),
             ctx.error_code.unwrap_or("-"),
             ctx.client_gone,
             error.map_or(String::new(), |e| format!(" pingora_error={e}")),
@@ -102,14 +110,79 @@ impl ProxyHttp for Gateway {
     }
 }
 
-struct HeaderAdapter<'a>(&'a mut RequestHeader);
-
-impl Headers for HeaderAdapter<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.headers.get(name).and_then(|v| v.to_str().ok())
+/// The request ended: turn its token reservation into real usage.
+///
+/// - the engine reported usage: that;
+/// - the response started but usage never came (the client left, the engine
+///   broke): the prompt estimate plus the content events seen, marked
+///   estimated;
+/// - nothing reached the client (an error before the response): no usage,
+///   and dropping the admission refunds the reservation.
+fn settle_usage(ctx: &mut RequestCtx) -> Option<Usage> {
+    let reported = ctx.tap.usage();
+    let usage = match reported {
+        Some(counts) => Some(Usage {
+            prompt_tokens: counts.prompt_tokens,
+            completion_tokens: counts.completion_tokens,
+            estimated: false,
+        }),
+        None if ctx.first_byte_at.is_some() && ctx.status > 0 && ctx.status < 400 => Some(Usage {
+            prompt_tokens: ctx.prompt_estimate,
+            completion_tokens: ctx.tap.content_events(),
+            estimated: true,
+        }),
+        None => None,
+    };
+    if let Some(admission) = ctx.filters.admission.take() {
+        match usage {
+            Some(usage) => admission.settle(usage),
+            None => drop(admission),
+        }
     }
-    fn set(&mut self, name: &'static str, value: &str) {
-        let _ = self.0.insert_header(name, value);
+    usage
+}
+
+/// The request as filters see it.
+struct FilterView<'a> {
+    header: &'a mut RequestHeader,
+    access: Access,
+    client_ip: Option<IpAddr>,
+}
+
+impl Request for FilterView<'_> {
+    fn method(&self) -> &str {
+        self.header.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.header.uri.path()
+    }
+    fn query(&self) -> Option<&str> {
+        self.header.uri.query()
+    }
+    fn set_query(&mut self, query: Option<&str>) {
+        let path = self.header.uri.path().to_string();
+        let target = match query {
+            Some(q) if !q.is_empty() => format!("{path}?{q}"),
+            _ => path,
+        };
+        if let Ok(uri) = http::Uri::builder().path_and_query(target).build() {
+            self.header.set_uri(uri);
+        }
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.header.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn set_header(&mut self, name: &'static str, value: &str) {
+        let _ = self.header.insert_header(name, value);
+    }
+    fn remove_header(&mut self, name: &str) {
+        let _ = self.header.remove_header(name);
+    }
+    fn access(&self) -> Access {
+        self.access
+    }
+    fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip
     }
 }
 
@@ -123,28 +196,90 @@ async fn handle(app: &AppState, session: &mut Session, ctx: &mut RequestCtx) {
     }
 }
 
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+fn on_admin_listener(app: &AppState, session: &Session) -> bool {
+    let Some(admin) = app.config.server.admin_listen else {
+        return false;
+    };
+    session
+        .server_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|local| local.port() == admin.port())
+}
+
 async fn route_and_forward(
     app: &AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
-    app.chain
-        .run(
-            &mut HeaderAdapter(session.req_header_mut()),
+    let classified = classify(
+        session.req_header().method.as_str(),
+        session.req_header().uri.path(),
+    );
+    let access = match &classified {
+        Ok(endpoint) => {
+            ctx.endpoint = endpoint.label();
+            endpoint.access()
+        }
+        Err(_) => endpoint::access_for_path(session.req_header().uri.path()),
+    };
+    let admin_listener = on_admin_listener(app, session);
+    if app.config.server.admin_listen.is_some() && (access == Access::Admin) != admin_listener {
+        // /admin/* lives only on the admin listener, and it serves nothing else
+        // but status pages
+        if access != Access::Public || !admin_listener {
+            return Err(GatewayError::UnknownPath {
+                path: session.req_header().uri.path().to_string(),
+            });
+        }
+    }
+    let ip = client_ip(session);
+    let flow = app
+        .chain
+        .on_request(
+            &mut FilterView {
+                header: session.req_header_mut(),
+                access,
+                client_ip: ip,
+            },
             &mut ctx.filters,
         )
         .map_err(GatewayError::Rejected)?;
-    let endpoint = classify(
-        session.req_header().method.as_str(),
-        session.req_header().uri.path(),
-    )?;
+    if let Flow::Respond(local) = flow {
+        if respond::write_local(session, ctx, local).await.is_err() {
+            ctx.client_gone = true;
+        }
+        return Ok(());
+    }
+    ctx.user = ctx.filters.identity.as_ref().map(|i| i.user.clone());
+    if app.auth.is_some() {
+        // the gateway's credentials are not the engine's business
+        let header = session.req_header_mut();
+        header.remove_header("authorization");
+        header.remove_header("x-api-key");
+    }
+    if access == Access::Admin && app.auth.is_none() && !admin_listener {
+        return Err(GatewayError::Rejected(admin::needs_protection()));
+    }
+    let endpoint = classified?;
     ctx.endpoint = endpoint.label();
     match endpoint {
-        Endpoint::ListModels => answer(session, ctx, 200, catalog::list_body(app)).await,
-        Endpoint::GetModel(id) => match catalog::model_body(app, &id) {
-            Some(body) => answer(session, ctx, 200, body).await,
-            None => Err(GatewayError::UnknownModel { model: id }),
-        },
+        Endpoint::ListModels => {
+            let body = catalog::list_body(app, ctx.filters.identity.as_deref());
+            answer(session, ctx, 200, body).await
+        }
+        Endpoint::GetModel(id) => {
+            match catalog::model_body(app, &id, ctx.filters.identity.as_deref()) {
+                Some(body) => answer(session, ctx, 200, body).await,
+                None => Err(GatewayError::UnknownModel { model: id }),
+            }
+        }
         Endpoint::GatewayHealth => {
             let (status, body) = catalog::health_body(app);
             answer(session, ctx, status, body).await
@@ -156,20 +291,28 @@ async fn route_and_forward(
         }
         Endpoint::Services => answer(session, ctx, 200, catalog::services_body(app)).await,
         Endpoint::Stats => answer(session, ctx, 200, catalog::stats_body(app)).await,
+        Endpoint::Login => admin::login(app, session, ctx, ip).await,
+        Endpoint::AdminReloadKeys => admin::reload_keys(app, session, ctx).await,
+        Endpoint::AdminUsage => {
+            let body = admin::usage_body(app);
+            answer(session, ctx, 200, body).await
+        }
         Endpoint::Inference(_) => {
             let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
                 .await?;
             ctx.request_bytes = body.len();
-            let field = extract_model(&body)?;
-            proxy_to_model(app, session, ctx, body, Some(field)).await
+            let info = inspect(&body)?;
+            let field = info.model.clone()?;
+            proxy_to_model(app, session, ctx, body, Some(field), Some(&info)).await
         }
         Endpoint::OtherV1 => {
             let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
                 .await?;
             ctx.request_bytes = body.len();
             // a body that is not a JSON object with a model (multipart, empty) goes to the default pool
-            let field = extract_model(&body).ok();
-            proxy_to_model(app, session, ctx, body, field).await
+            let info = inspect(&body).ok();
+            let field = info.as_ref().and_then(|i| i.model.clone().ok());
+            proxy_to_model(app, session, ctx, body, field, info.as_ref()).await
         }
     }
 }
@@ -189,14 +332,23 @@ async fn answer(
     Ok(())
 }
 
+/// Rough prompt size before the engine counts it: JSON bytes / 4, the usual
+/// bytes-per-token of English text (an over-estimate for JSON overhead, which
+/// the settlement corrects).
+fn prompt_estimate(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
 async fn proxy_to_model(
     app: &AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
     body: Bytes,
     field: Option<crate::body::ModelField>,
+    info: Option<&BodyInfo>,
 ) -> Result<(), GatewayError> {
-    let (pool_index, body) = match field {
+    let identity = ctx.filters.identity.clone();
+    let (pool_index, mut edits) = match &field {
         Some(field) => {
             let route =
                 app.router
@@ -204,18 +356,31 @@ async fn proxy_to_model(
                     .ok_or_else(|| GatewayError::UnknownModel {
                         model: field.name.clone(),
                     })?;
-            let body = match &route.rewrite_to {
-                Some(served) => Bytes::from(rewrite_model(&body, &field, served)),
-                None => body,
+            if let Some(identity) = &identity {
+                let allowed = identity.may_use(&field.name)
+                    || route
+                        .rewrite_to
+                        .as_deref()
+                        .is_some_and(|s| identity.may_use(s));
+                if !allowed {
+                    // the same answer as a model that does not exist
+                    return Err(GatewayError::UnknownModel {
+                        model: field.name.clone(),
+                    });
+                }
+            }
+            let edits = match &route.rewrite_to {
+                Some(served) => vec![model_edit(field, served)],
+                None => Vec::new(),
             };
-            ctx.model = Some(field.name);
-            (route.pool, body)
+            ctx.model = Some(field.name.clone());
+            (route.pool, edits)
         }
         None => (
             app.router
                 .default_pool()
                 .ok_or(GatewayError::MissingModel)?,
-            body,
+            Vec::new(),
         ),
     };
     let pool = app
@@ -224,5 +389,30 @@ async fn proxy_to_model(
         .ok_or(GatewayError::MissingModel)?
         .clone();
     ctx.pool = Some(pool.name().to_string());
+    ctx.prompt_estimate = prompt_estimate(body.len());
+    app.chain
+        .on_admit(
+            &AdmitInfo {
+                model: field.as_ref().map(|f| f.name.as_str()),
+                prompt_tokens_estimate: ctx.prompt_estimate,
+                max_output_tokens: info.and_then(|i| i.max_output_tokens),
+            },
+            &mut ctx.filters,
+        )
+        .map_err(GatewayError::Rejected)?;
+    if let Some(info) = info {
+        ctx.stream = info.stream;
+        if pool.config.inject_stream_usage {
+            if let Some(edit) = include_usage_edit(&body, info) {
+                edits.push(edit);
+                ctx.injected_usage = true;
+            }
+        }
+    }
+    let body = if edits.is_empty() {
+        body
+    } else {
+        Bytes::from(apply_edits(&body, edits))
+    };
     forward::forward(app, session, ctx, &pool, body).await
 }

@@ -35,6 +35,36 @@ pub async fn write_json(
     Ok(())
 }
 
+/// A filter's own answer (e.g. a CORS preflight).
+pub async fn write_local(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    local: infergate_filters::LocalResponse,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(local.status, Some(2 + local.headers.len()))?;
+    header.insert_header("content-length", local.body.len().to_string())?;
+    for (name, value) in ctx
+        .filters
+        .response_headers
+        .iter()
+        .chain(local.headers.iter())
+    {
+        header.insert_header(*name, value.as_str())?;
+    }
+    ctx.status = local.status;
+    ctx.response_bytes = local.body.len();
+    let empty = local.body.is_empty();
+    session
+        .write_response_header(Box::new(header), empty)
+        .await?;
+    if !empty {
+        session
+            .write_response_body(Some(Bytes::from(local.body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Answer with the OpenAI error for `error`, and record it on the context.
 pub async fn write_error(
     session: &mut Session,
@@ -51,7 +81,7 @@ pub async fn write_error(
         spec.message
     );
     ctx.error_code = Some(spec.code);
-    let mut extra = Vec::new();
+    let mut extra = spec.headers.clone();
     if let Some(secs) = spec.retry_after {
         extra.push(("retry-after", secs.to_string()));
     }

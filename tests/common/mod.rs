@@ -7,7 +7,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -22,6 +22,8 @@ pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr_path: Option<PathBuf>,
+    /// Later stdout lines (e.g. the admin listener's address).
+    pub lines: Option<mpsc::Receiver<String>>,
 }
 
 impl Drop for Proc {
@@ -32,6 +34,19 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// The address on the next stdout line starting with `prefix`.
+    pub fn next_addr(&self, prefix: &str) -> SocketAddr {
+        let lines = self.lines.as_ref().expect("gateway stdout");
+        loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("another stdout line");
+            if let Some(addr) = line.trim().strip_prefix(prefix) {
+                return addr.parse().expect("an address");
+            }
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -51,17 +66,25 @@ impl Proc {
 
 /// Read the first stdout line within `limit`, keep draining the rest.
 fn first_line(child: &mut Child, limit: Duration) -> String {
+    let rx = stdout_lines(child);
+    rx.recv_timeout(limit).unwrap_or_default()
+}
+
+/// Every stdout line, as it comes.
+fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
+        let reader = BufReader::new(stdout);
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                // nobody listens: keep draining so the child never blocks
+                continue;
+            }
+        }
     });
-    rx.recv_timeout(limit).unwrap_or_default()
+    rx
 }
 
 pub fn mock(args: &[&str]) -> Proc {
@@ -81,6 +104,7 @@ pub fn mock(args: &[&str]) -> Proc {
         child,
         addr,
         stderr_path: None,
+        lines: None,
     }
 }
 
@@ -99,7 +123,10 @@ pub fn gateway(yaml: &str) -> Proc {
         .stderr(stderr)
         .spawn()
         .expect("spawn infergate");
-    let line = first_line(&mut child, Duration::from_secs(30));
+    let lines = stdout_lines(&mut child);
+    let line = lines
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_default();
     let addr = line
         .trim()
         .strip_prefix("infergate listening on http://")
@@ -113,6 +140,7 @@ pub fn gateway(yaml: &str) -> Proc {
         child,
         addr,
         stderr_path: Some(stderr_path),
+        lines: Some(lines),
     }
 }
 

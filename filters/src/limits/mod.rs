@@ -1,1 +1,309 @@
-//! Limits (placeholder while being written).
+//! `limits`: rate limits, concurrency limits, token reservations and quotas,
+//! decided once the body is read and before any engine is contacted.
+//!
+//! ```yaml
+//! filters:
+//!   - limits:
+//!       global:  { requests_per_second: 200, burst: 400, concurrent: 128, tokens_per_minute: 2000000 }
+//!       per_key: { requests_per_second: 10, concurrent: 5, tokens_per_minute: 100000 }
+//!       models:
+//!         qwen: { concurrent: 32, tokens_per_minute: 500000 }
+//!       default_max_tokens: 1024
+//!       data_dir: /var/lib/infergate
+//! ```
+//!
+//! Three levels apply to a request: the gateway (`global`), the model the
+//! client named (`models`, if configured for that exact name) and the caller
+//! (`per_key`, overridden field by field by the identity's own limits from the
+//! keys/users file). Checks run in this order, each over every level, and a
+//! failed check gives back everything the earlier ones took:
+//! 1. quota (identities with a `quota`): persisted usage plus the tokens
+//!    reserved by the identity's running requests must be below the quota;
+//! 2. requests per second (token bucket of `burst`, default ceil(rps));
+//! 3. concurrent requests;
+//! 4. tokens per minute: the request reserves `prompt estimate + max_tokens`
+//!    (or `default_max_tokens`), settled against real usage when it ends.
+//!
+//! Refusals are 429s in OpenAI's shape with `Retry-After` when waiting helps
+//! and `x-should-retry: false` when it cannot. Admitted requests and refusals
+//! carry OpenAI's `x-ratelimit-*` headers ([`headers`]).
+//!
+//! The [`Admission`] is held while the request runs: [`Admission::settle`] it
+//! with the real usage (the gateway does this in `logging()`, which runs on
+//! success, error and disconnect), or drop it to refund the reservation.
+//! Per-identity state is keyed by `Identity.id`, so it survives reloads of the
+//! keys file. Quota totals are persisted in `data_dir` ([`quota_store`]).
+//!
+//! This module never logs; problems (a quota store write that failed, a quota
+//! without `data_dir`) are collected for [`Limits::take_warnings`].
+
+mod admission;
+mod bucket;
+pub(crate) mod clock;
+mod concurrency;
+mod config;
+pub mod headers;
+mod level;
+pub mod quota_store;
+
+pub use admission::{Admission, Usage};
+pub use bucket::TokenBucket;
+pub use config::{validate_spec, LimitsConfig};
+
+use crate::{AdmitInfo, Filter, FilterState, Flow, Identity, Rejection, Request};
+use config::effective_spec;
+use level::{Level, Scope};
+use quota_store::QuotaStore;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// One identity's state, for `GET /admin/usage`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrincipalStatus {
+    /// `key:<hash prefix>` or `user:<id>`.
+    pub id: String,
+    /// Display name (for an identity not seen since the gateway started: as
+    /// recorded in the quota store, if at all).
+    pub user: Option<String>,
+    /// Requests running now.
+    pub in_flight: u32,
+    /// Concurrency limit; `None` = unlimited.
+    pub concurrent: Option<u32>,
+    /// Lifetime token quota; `None` = unlimited (or not seen since start).
+    pub quota: Option<u64>,
+    /// Tokens counted against the quota (persisted).
+    pub quota_used: u64,
+    /// Tokens reserved by running requests, not yet settled.
+    pub reserved_tokens: u64,
+    /// Tokens settled since the gateway started.
+    pub tokens_used_since_start: u64,
+    /// Settled requests whose usage the gateway estimated (e.g. disconnects).
+    pub estimated_usage_requests: u64,
+    /// Tokens-per-minute limit; `None` = unlimited.
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens left in the per-minute bucket now (0 while in debt).
+    pub tokens_remaining_this_minute: Option<u64>,
+    /// Requests-per-second limit; `None` = unlimited.
+    pub requests_per_second: Option<f64>,
+    /// Requests left in the requests bucket now.
+    pub requests_remaining: Option<u64>,
+}
+
+/// The limiters, shared by every request (and across config reloads, if the
+/// gateway keeps the same `Arc`).
+pub struct Limits {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: LimitsConfig,
+    global: Arc<Level>,
+    models: HashMap<String, Arc<Level>>,
+    principals: Mutex<HashMap<String, Arc<Level>>>,
+    store: Arc<QuotaStore>,
+}
+
+impl Limits {
+    /// Build the limiters; opens (creating) the quota store when `data_dir`
+    /// is set. `Err` says which key is wrong or why the store cannot open.
+    pub fn new(config: LimitsConfig) -> Result<Limits, String> {
+        config
+            .validate()
+            .map_err(|(key, msg)| format!("limits.{key}: {msg}"))?;
+        let store = match &config.data_dir {
+            Some(dir) => QuotaStore::open(dir)?,
+            None => QuotaStore::in_memory(),
+        };
+        let models = config
+            .models
+            .iter()
+            .map(|(m, spec)| {
+                (
+                    m.clone(),
+                    Arc::new(Level::new(Scope::Model(m.clone()), spec)),
+                )
+            })
+            .collect();
+        Ok(Limits {
+            shared: Arc::new(Shared {
+                global: Arc::new(Level::new(Scope::Gateway, &config.global)),
+                models,
+                principals: Mutex::new(HashMap::new()),
+                store: Arc::new(store),
+                config,
+            }),
+        })
+    }
+
+    /// Decide whether a request may run now; see the module docs for the
+    /// checks. `Ok` holds the slots and the token reservation until settled
+    /// or dropped; `Err` is a 429 with its headers and nothing held.
+    pub fn admit(
+        &self,
+        identity: Option<&Identity>,
+        info: &AdmitInfo<'_>,
+    ) -> Result<Admission, Rejection> {
+        let shared = &self.shared;
+        let estimate = info.prompt_tokens_estimate.saturating_add(
+            info.max_output_tokens
+                .unwrap_or(shared.config.default_max_tokens),
+        );
+        let mut levels = Vec::with_capacity(3);
+        levels.push(shared.global.clone());
+        if let Some(level) = info.model.and_then(|m| shared.models.get(m)) {
+            levels.push(level.clone());
+        }
+        let principal = identity.map(|id| (id, self.principal(id)));
+        if let Some((_, level)) = &principal {
+            levels.push(level.clone());
+        }
+        admission::admit(&levels, principal, &shared.store, estimate)
+    }
+
+    /// The persisted token total of `identity_id` (0 if none).
+    pub fn quota_used(&self, identity_id: &str) -> u64 {
+        self.shared.store.used(identity_id)
+    }
+
+    /// Whether quota totals are persisted (`data_dir` is set).
+    pub fn has_store(&self) -> bool {
+        self.shared.store.is_persistent()
+    }
+
+    /// The config these limits were built from.
+    pub fn config(&self) -> &LimitsConfig {
+        &self.shared.config
+    }
+
+    /// Problems to log since the last call (e.g. a quota store write failed).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.shared.store.take_warnings()
+    }
+
+    /// Every identity seen since start, plus every identity with a persisted
+    /// total, sorted by id.
+    pub fn snapshot(&self) -> Vec<PrincipalStatus> {
+        let principals: Vec<(String, Arc<Level>)> = lock(&self.shared.principals)
+            .iter()
+            .map(|(id, level)| (id.clone(), level.clone()))
+            .collect();
+        let mut out: BTreeMap<String, PrincipalStatus> = BTreeMap::new();
+        for (id, level) in principals {
+            let mut st = lock(&level.state);
+            let status = PrincipalStatus {
+                user: st.user.clone(),
+                in_flight: st.slots.in_flight(),
+                concurrent: st.slots.limit(),
+                quota: st.quota,
+                quota_used: 0,
+                reserved_tokens: st.reserved,
+                tokens_used_since_start: st.used_since_start,
+                estimated_usage_requests: st.estimated_settles,
+                tokens_per_minute: st.spec.tokens_per_minute,
+                tokens_remaining_this_minute: st.tokens.as_mut().map(|b| floor_u64(b.remaining())),
+                requests_per_second: st.spec.requests_per_second,
+                requests_remaining: st.requests.as_mut().map(|b| floor_u64(b.remaining())),
+                id: id.clone(),
+            };
+            drop(st);
+            out.insert(id, status);
+        }
+        for (id, entry) in self.shared.store.all() {
+            let status = out.entry(id.clone()).or_insert_with(|| PrincipalStatus {
+                id,
+                user: entry.user.clone(),
+                in_flight: 0,
+                concurrent: None,
+                quota: None,
+                quota_used: 0,
+                reserved_tokens: 0,
+                tokens_used_since_start: 0,
+                estimated_usage_requests: 0,
+                tokens_per_minute: None,
+                tokens_remaining_this_minute: None,
+                requests_per_second: None,
+                requests_remaining: None,
+            });
+            status.quota_used = entry.used;
+        }
+        out.into_values().collect()
+    }
+
+    /// The identity's level, created on first use, updated to its current
+    /// limits, name and quota.
+    fn principal(&self, identity: &Identity) -> Arc<Level> {
+        let shared = &self.shared;
+        let spec = effective_spec(&shared.config.per_key, &identity.limits);
+        let level = {
+            let mut map = lock(&shared.principals);
+            match map.get(&identity.id) {
+                Some(level) => level.clone(),
+                None => {
+                    let level = Arc::new(Level::new(Scope::of_identity(&identity.id), &spec));
+                    map.insert(identity.id.clone(), level.clone());
+                    level
+                }
+            }
+        };
+        let mut st = lock(&level.state);
+        st.apply(&spec);
+        if st.user.as_deref() != Some(identity.user.as_str()) {
+            st.user = Some(identity.user.clone());
+        }
+        st.quota = identity.quota;
+        if st.quota.is_some() && !shared.store.is_persistent() && !st.warned_unpersisted {
+            st.warned_unpersisted = true;
+            shared.store.warn(format!(
+                "{} has a token quota but limits.data_dir is not set: its usage is counted in memory only and starts from 0 after a restart",
+                identity.id
+            ));
+        }
+        drop(st);
+        level
+    }
+}
+
+/// The `limits` filter: admission in [`Filter::on_admit`]. Holds the shared
+/// [`Limits`], which the gateway also keeps for `/admin/usage`.
+pub struct LimitsFilter(pub Arc<Limits>);
+
+impl Filter for LimitsFilter {
+    fn name(&self) -> &'static str {
+        "limits"
+    }
+
+    fn on_request(
+        &self,
+        _req: &mut dyn Request,
+        _state: &mut FilterState,
+    ) -> Result<Flow, Rejection> {
+        Ok(Flow::Continue)
+    }
+
+    fn on_admit(&self, info: &AdmitInfo<'_>, state: &mut FilterState) -> Result<(), Rejection> {
+        let admission = self.0.admit(state.identity.as_deref(), info)?;
+        state
+            .response_headers
+            .extend(admission.rate_limit_headers().iter().cloned());
+        state.admission = Some(admission);
+        Ok(())
+    }
+}
+
+/// Lock, ignoring poisoning: limiter state stays usable (counts may be off by
+/// the one panicking update) rather than turning every request into a panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn floor_u64(x: f64) -> u64 {
+    if x > 0.0 {
+        x.floor() as u64
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -173,6 +173,10 @@ async fn inference(
         body_bytes: data.len(),
         body_sha256: sha256,
         model,
+        stream_options: parsed
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("stream_options").cloned()),
     });
 
     if state.cfg.hang {

@@ -57,6 +57,8 @@ pub struct LastRequest {
     pub body_bytes: usize,
     pub body_sha256: String,
     pub model: Option<String>,
+    /// The `stream_options` the request carried (to see what a gateway added).
+    pub stream_options: Option<Value>,
 }
 
 pub struct State {
@@ -147,6 +149,7 @@ impl State {
             "body_bytes": rec.body_bytes,
             "body_sha256": rec.body_sha256,
             "model": rec.model,
+            "stream_options": rec.stream_options,
         })
     }
 

@@ -1,0 +1,147 @@
+//! Endpoints around identity: `POST /user/user_login` (seed 004) and the
+//! admin surface (`/admin/*`, admin role or the admin listener).
+
+use super::ctx::RequestCtx;
+use super::{read_body, respond};
+use crate::errors::GatewayError;
+use crate::state::AppState;
+use infergate_filters::Rejection;
+use pingora_proxy::Session;
+use serde::Deserialize;
+use serde_json::json;
+use std::net::IpAddr;
+
+/// Login bodies are small; anything larger is not a login.
+const LOGIN_BODY_LIMIT: u64 = 16 * 1024;
+
+/// `/admin/*` without any protection configured.
+pub fn needs_protection() -> Rejection {
+    Rejection::new(
+        403,
+        "invalid_request_error",
+        "admin_disabled",
+        "Admin endpoints need an admin credential: configure the `auth` filter with a key or user whose role is admin, or set server.admin_listen to a private address.",
+    )
+}
+
+fn not_configured(what: &str) -> GatewayError {
+    GatewayError::Rejected(Rejection::new(
+        404,
+        "invalid_request_error",
+        "not_configured",
+        format!("{what} is not configured on this gateway (see docs/auth.md)."),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    email: String,
+    password: String,
+}
+
+/// `POST /user/user_login` `{"email","password"}` →
+/// `{"success":true,"data":{"token","version","user_id"}}`.
+pub async fn login(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    ip: Option<IpAddr>,
+) -> Result<(), GatewayError> {
+    let Some(auth) = app.auth.clone() else {
+        return Err(not_configured("Login"));
+    };
+    auth.check_login_rate(ip).map_err(GatewayError::Rejected)?;
+    let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
+    ctx.request_bytes = body.len();
+    // serde's messages can quote the input: never let a password reach one
+    let credentials: Credentials =
+        serde_json::from_slice(&body).map_err(|_| GatewayError::InvalidJson {
+            detail: r#"send {"email": "...", "password": "..."} as JSON"#.to_string(),
+        })?;
+    // argon2 takes tens of milliseconds of CPU: keep it off the proxy's threads
+    let grant =
+        tokio::task::spawn_blocking(move || auth.login(&credentials.email, &credentials.password))
+            .await
+            .map_err(|_| GatewayError::Internal {
+                detail: "the login worker failed".into(),
+            })?
+            .map_err(GatewayError::Rejected)?;
+    let body = json!({
+        "success": true,
+        "data": {"token": grant.token, "version": grant.version, "user_id": grant.user_id},
+    });
+    ctx.user = Some(format!("user:{}", grant.user_id));
+    write(session, ctx, 200, body.to_string().into_bytes()).await
+}
+
+/// `POST /admin/reload-keys`: re-read the keys and users files. A file that
+/// fails to parse or validate changes nothing; the answer says why.
+pub async fn reload_keys(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), GatewayError> {
+    let Some(auth) = app.auth.clone() else {
+        return Err(not_configured("The auth filter"));
+    };
+    let outcome = tokio::task::spawn_blocking(move || auth.reload())
+        .await
+        .map_err(|_| GatewayError::Internal {
+            detail: "the reload worker failed".into(),
+        })?;
+    match outcome {
+        Ok(report) => {
+            log::info!(
+                "keys reloaded via /admin/reload-keys: {} keys, {} users",
+                report.keys,
+                report.users
+            );
+            for warning in &report.warnings {
+                log::warn!("{warning}");
+            }
+            let body = json!({
+                "success": true,
+                "keys": report.keys,
+                "users": report.users,
+                "warnings": report.warnings,
+            });
+            write(session, ctx, 200, body.to_string().into_bytes()).await
+        }
+        Err(reason) => {
+            log::error!("keys reload via /admin/reload-keys failed, nothing changed: {reason}");
+            Err(GatewayError::Rejected(Rejection::new(
+                422,
+                "invalid_request_error",
+                "reload_failed",
+                format!("Nothing was changed: {reason}"),
+            )))
+        }
+    }
+}
+
+/// `GET /admin/usage`: every principal's limits state and quota.
+pub fn usage_body(app: &AppState) -> Vec<u8> {
+    let data = match &app.limits {
+        Some(limits) => serde_json::to_value(limits.snapshot()).unwrap_or_default(),
+        None => json!([]),
+    };
+    let principals = app.auth.as_ref().map_or(0, |a| a.identities().len());
+    json!({"object": "list", "principals": principals, "data": data})
+        .to_string()
+        .into_bytes()
+}
+
+async fn write(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+) -> Result<(), GatewayError> {
+    if respond::write_json(session, ctx, status, body, &[])
+        .await
+        .is_err()
+    {
+        ctx.client_gone = true;
+    }
+    Ok(())
+}
