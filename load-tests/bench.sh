@@ -14,7 +14,10 @@
 #   BENCH_LAT_DURATION [5s] wrk -d for the 1-connection latency runs
 #   BENCH_WARMUP [2s]      per-target warm-up before round 1
 #   BENCH_PROXY_THREADS [2] nginx worker_processes and infergate server.threads
-#   BENCH_TARGETS ["direct nginx gateway"]
+#   BENCH_TARGETS ["direct nginx gateway gateway-auth"]
+#                          gateway-auth: a second infergate with cors + auth (hashed
+#                          API key) + limits (global, per key, per model, all set high
+#                          enough never to refuse) + a quota in a SQLite store
 #   BENCH_BODY             request body (model must be mock-model)
 #   BENCH_GATEWAY_CONFIG   a gateway YAML to use instead of the built-in one; the
 #                          strings @MOCK_ADDR@ and @THREADS@ in it are substituted
@@ -47,7 +50,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 CONNS=${BENCH_CONNECTIONS:-32}
 PROXY_THREADS=${BENCH_PROXY_THREADS:-2}
-TARGETS=${BENCH_TARGETS:-direct nginx gateway}
+TARGETS=${BENCH_TARGETS:-direct nginx gateway gateway-auth}
 PIN=${BENCH_PIN:-1}
 INFERGATE_BIN=${INFERGATE_BIN:-$REPO/target/release/infergate}
 MOCK_BIN=${MOCK_BIN:-$REPO/target/release/mock-engine}
@@ -129,7 +132,7 @@ cleanup() {
   local rc=$? pid
   # SIGINT is Pingora's fast shutdown (SIGTERM would wait for its grace period)
   for pid in "${PIDS[@]}"; do
-    if [ "$pid" = "${GW_PID:-}" ]; then kill -INT "$pid" 2>/dev/null || true
+    if [[ " ${GW_PIDS[*]:-} " == *" $pid "* ]]; then kill -INT "$pid" 2>/dev/null || true
     else kill -TERM "$pid" 2>/dev/null || true; fi
   done
   for pid in "${PIDS[@]}"; do
@@ -162,9 +165,11 @@ first_line() { # file pid what deadline_s -> prints the first non-empty line
   log "$what printed nothing within $4 s"; return 1
 }
 
+export BENCH_KEY=${BENCH_KEY:-sk-bench-0000000000000000000000000000}
 probe() { # url -> 0 when a chat completion POST answers 200 with a chat.completion
   local body
-  body=$(curl -s -m 5 -H 'Content-Type: application/json' -d "$BENCH_BODY" -w '\n%{http_code}' \
+  body=$(curl -s -m 5 -H 'Content-Type: application/json' -H "Authorization: Bearer $BENCH_KEY" \
+         -d "$BENCH_BODY" -w '\n%{http_code}' \
          "$1/v1/chat/completions" 2>/dev/null) || return 1
   [ "${body##*$'\n'}" = 200 ] && [[ "$body" == *'"chat.completion"'* ]]
 }
@@ -241,12 +246,25 @@ EOF
   log "nginx pid $NGINX_PID (workers: $(pgrep -P "$NGINX_PID" | tr '\n' ' ')) on 127.0.0.1:$NGINX_PORT"
 fi
 
-if need_targets gateway; then
-  GW_CFG=$WORK/infergate.yaml
-  if [ -n "${BENCH_GATEWAY_CONFIG:-}" ]; then
-    sed -e "s/@MOCK_ADDR@/$MOCK_ADDR/g" -e "s/@THREADS@/$PROXY_THREADS/g" "$BENCH_GATEWAY_CONFIG" >"$GW_CFG"
-  else
-    cat >"$GW_CFG" <<EOF
+start_gateway() { # target config-file
+  local target=$1 cfg=$2 ready pid
+  timeout 30 "$INFERGATE_BIN" --check --config "$cfg" >"$WORK/$target-check.out" 2>&1 ||
+    { cat "$WORK/$target-check.out" >&2; die "infergate --check rejected $cfg"; }
+  "$INFERGATE_BIN" --config "$cfg" >"$WORK/$target.out" 2>"$WORK/$target.err" &
+  pid=$!; PIDS+=("$pid"); GW_PIDS+=("$pid")
+  ready=$(first_line "$WORK/$target.out" "$pid" "$target" 30) || { tail -20 "$WORK/$target.err" >&2; exit 1; }
+  [[ "$ready" == "infergate listening on http://"* ]] || die "unexpected gateway ready line: $ready"
+  URL[$target]=${ready#infergate listening on }
+  URL[$target]=${URL[$target]%/}
+  # a backend gets traffic only after its first passing health check
+  wait_routed "${URL[$target]}" "$pid" "$target" 20 || { tail -20 "$WORK/$target.err" >&2; exit 1; }
+  PROXY_PIDS[$target]=$pid
+  log "$target (infergate) pid $pid on ${URL[$target]}"
+}
+GW_PIDS=()
+
+gateway_base() { # the plain gateway's YAML
+  cat <<EOF
 # written by load-tests/bench.sh
 server:
   listen: "127.0.0.1:0"
@@ -261,19 +279,40 @@ pools:
     balance: round_robin
     health_check: { path: /health, interval: 1s }
 EOF
+}
+
+if need_targets gateway; then
+  GW_CFG=$WORK/infergate.yaml
+  if [ -n "${BENCH_GATEWAY_CONFIG:-}" ]; then
+    sed -e "s/@MOCK_ADDR@/$MOCK_ADDR/g" -e "s/@THREADS@/$PROXY_THREADS/g" "$BENCH_GATEWAY_CONFIG" >"$GW_CFG"
+  else
+    gateway_base >"$GW_CFG"
   fi
-  timeout 30 "$INFERGATE_BIN" --check --config "$GW_CFG" >"$WORK/infergate-check.out" 2>&1 ||
-    { cat "$WORK/infergate-check.out" >&2; die "infergate --check rejected $GW_CFG"; }
-  "$INFERGATE_BIN" --config "$GW_CFG" >"$WORK/infergate.out" 2>"$WORK/infergate.err" &
-  GW_PID=$!; PIDS+=("$GW_PID")
-  ready=$(first_line "$WORK/infergate.out" "$GW_PID" infergate 30) || { tail -20 "$WORK/infergate.err" >&2; exit 1; }
-  [[ "$ready" == "infergate listening on http://"* ]] || die "unexpected gateway ready line: $ready"
-  URL[gateway]=${ready#infergate listening on }
-  URL[gateway]=${URL[gateway]%/}
-  # a backend gets traffic only after its first passing health check
-  wait_routed "${URL[gateway]}" "$GW_PID" infergate 20 || { tail -20 "$WORK/infergate.err" >&2; exit 1; }
-  PROXY_PIDS[gateway]=$GW_PID
-  log "infergate pid $GW_PID on ${URL[gateway]}"
+  start_gateway gateway "$GW_CFG"
+fi
+
+if need_targets gateway-auth; then
+  KEY_HASH=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
+  cat >"$WORK/keys.json" <<EOF
+{"keys": [
+  {"key": "sha256:$KEY_HASH", "user": "bench", "quota": 1000000000000,
+   "limits": {"requests_per_second": 1000000, "concurrent": 100000, "tokens_per_minute": 1000000000000}},
+  {"key": "sha256:$(printf other | sha256sum | cut -d' ' -f1)", "user": "other"}
+]}
+EOF
+  { gateway_base; cat <<EOF
+filters:
+  - request_id: {}
+  - cors: {}
+  - auth: { api_keys_file: $WORK/keys.json, watch: true }
+  - limits:
+      global: { requests_per_second: 1000000, concurrent: 100000, tokens_per_minute: 1000000000000 }
+      per_key: { requests_per_second: 1000000, concurrent: 100000 }
+      models: { mock-model: { concurrent: 100000, tokens_per_minute: 1000000000000 } }
+      data_dir: $WORK/data
+EOF
+  } >"$WORK/infergate-auth.yaml"
+  start_gateway gateway-auth "$WORK/infergate-auth.yaml"
 fi
 
 # ------------------------------------------------------------------ measuring

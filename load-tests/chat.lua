@@ -4,6 +4,9 @@
 -- env BENCH_BODY overrides the JSON body.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+-- the key of the "gateway-auth" target; the other targets ignore it
+wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_KEY")
+  or "sk-bench-0000000000000000000000000000")
 wrk.body = os.getenv("BENCH_BODY")
   or '{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 

@@ -14,8 +14,9 @@ import json
 import statistics
 import sys
 
-TARGETS = ["direct", "nginx", "gateway"]
-LABEL = {"direct": "direct → mock", "nginx": "nginx → mock", "gateway": "infergate → mock"}
+TARGETS = ["direct", "nginx", "gateway", "gateway-auth"]
+LABEL = {"direct": "direct → mock", "nginx": "nginx → mock", "gateway": "infergate → mock",
+         "gateway-auth": "infergate + auth + limits → mock"}
 
 
 def per_run(r):
@@ -72,7 +73,7 @@ def summarize(runs_path, meta_path, out_path):
 
     def diff(mode, a, b, k):
         sa, sb = res["summary"][mode].get(a), res["summary"][mode].get(b)
-        if not sa or not sb:
+        if not sa or not sb or sa[k] is None or sb[k] is None:
             return None
         return sa[k] - sb[k]
 
@@ -86,6 +87,10 @@ def summarize(runs_path, meta_path, out_path):
             "gateway_added_p99_us": diff(mode, "gateway", "direct", "p99_us"),
             "nginx_added_p50_us": diff(mode, "nginx", "direct", "p50_us"),
             "nginx_added_p99_us": diff(mode, "nginx", "direct", "p99_us"),
+            "auth_over_plain_rps": ratio(mode, "gateway-auth", "gateway"),
+            "auth_added_p50_us": diff(mode, "gateway-auth", "gateway", "p50_us"),
+            "auth_added_p99_us": diff(mode, "gateway-auth", "gateway", "p99_us"),
+            "auth_added_cpu_us_per_req": diff(mode, "gateway-auth", "gateway", "proxy_cpu_us_per_req"),
         }
     with open(out_path, "w") as f:
         json.dump(res, f, indent=2)
@@ -144,7 +149,11 @@ def markdown(res):
             ("gateway_added_p50_us", "added p50 µs, infergate − direct", 0, True),
             ("gateway_added_p99_us", "added p99 µs, infergate − direct", 0, True),
             ("nginx_added_p50_us", "added p50 µs, nginx − direct", 0, True),
-            ("nginx_added_p99_us", "added p99 µs, nginx − direct", 0, True)):
+            ("nginx_added_p99_us", "added p99 µs, nginx − direct", 0, True),
+            ("auth_over_plain_rps", "throughput with auth + limits / without", 3, False),
+            ("auth_added_p50_us", "added p50 µs, auth + limits on − off", 0, True),
+            ("auth_added_p99_us", "added p99 µs, auth + limits on − off", 0, True),
+            ("auth_added_cpu_us_per_req", "added proxy CPU µs/req, auth + limits on − off", 1, True)):
         out.append(f"| {lab} | {fmt(rl.get(k), nd, sign)} | {fmt(rc.get(k), nd, sign)} |")
     out.append("")
     return "\n".join(out)

@@ -58,6 +58,18 @@ pub fn run(mut config: Config) -> Result<(), String> {
         graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
         ..ServerConf::default()
     };
+    if let Some(limits) = app.limits.clone() {
+        // quota-store write failures and the like, reported off the request path
+        std::thread::Builder::new()
+            .name("limits-warnings".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(2));
+                for warning in limits.take_warnings() {
+                    log::warn!("limits: {warning}");
+                }
+            })
+            .map_err(|e| format!("cannot start the limits warning thread: {e}"))?;
+    }
     let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
     server.bootstrap();
     let mut proxy =

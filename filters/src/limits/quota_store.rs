@@ -7,13 +7,21 @@
 //! table without it is migrated at open). Only identities with a quota are
 //! written.
 //! Every row is loaded into memory at open, so admission reads a counter and
-//! never touches the disk; every settled request is one synchronous UPSERT
-//! (`used = used + n`, tens of microseconds) behind a mutex.
+//! never touches the disk. Settled requests are written with group commit:
+//! the settling thread that finds no commit in progress commits its own usage
+//! at once (one UPSERT, `used = used + n`), and keeps committing whatever
+//! other threads added meanwhile, in one transaction per round, until nothing
+//! is pending. A thread that finds a commit in progress leaves its usage for
+//! that committer and returns without waiting on the database, so under load
+//! no worker thread queues behind SQLite and one transaction carries many
+//! requests.
 //!
 //! Durability: the database runs in WAL mode with `synchronous=NORMAL`. A
 //! committed write is in the WAL file, i.e. in the operating system's page
-//! cache, before the request is counted, so a crash of the gateway process
-//! (panic, OOM kill, `kill -9`) loses nothing. There is no fsync per commit:
+//! cache, so a crash of the gateway process (panic, OOM kill, `kill -9`)
+//! loses nothing committed. Without contention a settle returns after its own
+//! commit; with contention its usage is in the round being committed or the
+//! next one (microseconds later). There is no fsync per commit:
 //! a power loss or kernel crash may lose the last moments of usage (the WAL is
 //! synced at checkpoints), which under-counts, never corrupts. The file is
 //! safe to copy with `sqlite3 quota.sqlite3 .backup` while the gateway runs.
@@ -26,6 +34,7 @@ use super::lock;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +55,10 @@ pub(crate) struct QuotaStore {
 struct Db {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Usage settled but not yet committed: id → (user, tokens).
+    pending: Mutex<HashMap<String, (String, u64)>>,
+    /// A thread is committing (it will also commit what is pending).
+    committing: AtomicBool,
 }
 
 /// One identity's persisted total and name.
@@ -109,6 +122,8 @@ impl QuotaStore {
             db: Some(Db {
                 path,
                 conn: Mutex::new(conn),
+                pending: Mutex::default(),
+                committing: AtomicBool::new(false),
             }),
             used: Mutex::new(used),
             warnings: Mutex::default(),
@@ -144,32 +159,72 @@ impl QuotaStore {
         all
     }
 
-    /// Add `tokens` to `id`'s total (named `user`), durably before returning
-    /// when persistent.
+    /// Add `tokens` to `id`'s total (named `user`); persisted by group
+    /// commit (see the module docs).
     pub(crate) fn add(&self, id: &str, user: &str, tokens: u64) {
         if tokens == 0 {
             return;
         }
-        let persisted = self.db.as_ref().map(|db| (db, db.add(id, user, tokens)));
-        let mut used = lock(&self.used);
-        let entry = used.entry(id.to_string()).or_default();
-        if entry.user.as_deref() != Some(user) {
-            entry.user = Some(user.to_string());
-        }
-        let total = &mut entry.used;
-        match persisted {
-            // The database's total also counts other writers (e.g. a Limits
-            // from before a config reload still settling its requests).
-            Some((_, Ok(Some(db_total)))) => *total = db_total.max(total.saturating_add(tokens)),
-            Some((db, Err(e))) => {
-                *total = total.saturating_add(tokens);
-                drop(used);
-                self.warn(format!(
-                    "quota store {}: could not record {tokens} tokens for {id}: {e}; counted in memory only until the store is writable again",
-                    db.path.display()
-                ));
+        {
+            let mut used = lock(&self.used);
+            let entry = used.entry(id.to_string()).or_default();
+            if entry.user.as_deref() != Some(user) {
+                entry.user = Some(user.to_string());
             }
-            _ => *total = total.saturating_add(tokens),
+            entry.used = entry.used.saturating_add(tokens);
+        }
+        let Some(db) = &self.db else { return };
+        {
+            let mut pending = lock(&db.pending);
+            let slot = pending
+                .entry(id.to_string())
+                .or_insert_with(|| (user.to_string(), 0));
+            slot.0.clear();
+            slot.0.push_str(user);
+            slot.1 = slot.1.saturating_add(tokens);
+        }
+        self.commit_pending(db);
+    }
+
+    /// Become the committer unless one is at work, and commit until nothing
+    /// is pending.
+    fn commit_pending(&self, db: &Db) {
+        loop {
+            if db.committing.swap(true, Ordering::AcqRel) {
+                return; // the committer at work will take what we added
+            }
+            loop {
+                let batch = std::mem::take(&mut *lock(&db.pending));
+                if batch.is_empty() {
+                    break;
+                }
+                match db.add_batch(&batch) {
+                    Ok(totals) => {
+                        // The database's total also counts other writers (e.g.
+                        // a Limits from before a config reload still settling).
+                        let mut used = lock(&self.used);
+                        for (id, db_total) in totals {
+                            if let Some(entry) = used.get_mut(&id) {
+                                entry.used = entry.used.max(db_total);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let tokens: u64 = batch.values().map(|(_, t)| *t).sum();
+                        self.warn(format!(
+                            "quota store {}: could not record {tokens} tokens for {} identities: {e}; counted in memory only until the store is writable again",
+                            db.path.display(),
+                            batch.len()
+                        ));
+                    }
+                }
+            }
+            db.committing.store(false, Ordering::Release);
+            // Something may have been added between our last take and the
+            // release; if so, and nobody else took over, commit it too.
+            if lock(&db.pending).is_empty() {
+                return;
+            }
         }
     }
 
@@ -199,24 +254,37 @@ impl QuotaStore {
 }
 
 impl Db {
-    /// One UPSERT; `Ok(Some(total))` is the row's new total.
-    fn add(&self, id: &str, user: &str, tokens: u64) -> rusqlite::Result<Option<u64>> {
+    /// One transaction of UPSERTs; returns each row's new total.
+    fn add_batch(
+        &self,
+        batch: &HashMap<String, (String, u64)>,
+    ) -> rusqlite::Result<Vec<(String, u64)>> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-        let conn = lock(&self.conn);
-        let mut stmt = conn.prepare_cached(
-            "INSERT INTO usage (id, used, updated_at, user) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE SET used = used + excluded.used,
-                 updated_at = excluded.updated_at, user = excluded.user
-             RETURNING used",
-        )?;
-        let total: Option<i64> = stmt
-            .query_row(params![id, tokens, now, user], |row| row.get(0))
-            .optional()?;
-        Ok(total.map(|t| u64::try_from(t).unwrap_or(0)))
+        let mut conn = lock(&self.conn);
+        let tx = conn.transaction()?;
+        let mut totals = Vec::with_capacity(batch.len());
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO usage (id, used, updated_at, user) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET used = used + excluded.used,
+                     updated_at = excluded.updated_at, user = excluded.user
+                 RETURNING used",
+            )?;
+            for (id, (user, tokens)) in batch {
+                let tokens = i64::try_from(*tokens).unwrap_or(i64::MAX);
+                let total: Option<i64> = stmt
+                    .query_row(params![id, tokens, now, user], |row| row.get(0))
+                    .optional()?;
+                if let Some(t) = total {
+                    totals.push((id.clone(), u64::try_from(t).unwrap_or(0)));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(totals)
     }
 }
 
