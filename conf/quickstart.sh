@@ -48,4 +48,12 @@ infergate is running on http://127.0.0.1:8080 (logs in $LOGS). Try:
 
 Press Ctrl-C to stop.
 MSG
+if grep -q "^  - auth:" "$CONFIG"; then
+  cat <<MSG
+This config requires a credential: add -H 'Authorization: Bearer <key>' to the commands above
+(demo keys and users are listed at the top of $CONFIG), or log in first:
+  curl -s http://127.0.0.1:8080/user/user_login -H 'Content-Type: application/json' \\
+    -d '{"email":"test@example.com","password":"change-me-too-password"}'
+MSG
+fi
 wait "${pids[2]}"

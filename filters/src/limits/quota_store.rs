@@ -22,8 +22,10 @@
 //! loses nothing committed. Without contention a settle returns after its own
 //! commit; with contention its usage is in the round being committed or the
 //! next one (microseconds later). There is no fsync per commit:
-//! a power loss or kernel crash may lose the last moments of usage (the WAL is
-//! synced at checkpoints), which under-counts, never corrupts. The file is
+//! a power loss or kernel crash may lose the last moments of usage, which
+//! under-counts, never corrupts. The WAL is checkpointed into the database
+//! (with an fsync) by a background thread every second, never inside a
+//! request's commit. The file is
 //! safe to copy with `sqlite3 quota.sqlite3 .backup` while the gateway runs.
 //!
 //! When a write fails (disk full, file removed) the usage is still counted in
@@ -35,7 +37,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// File name inside `data_dir`.
@@ -59,6 +61,37 @@ struct Db {
     pending: Mutex<HashMap<String, (String, u64)>>,
     /// A thread is committing (it will also commit what is pending).
     committing: AtomicBool,
+    /// Tells the checkpoint thread to finish.
+    stop_checkpointer: Arc<AtomicBool>,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.stop_checkpointer.store(true, Ordering::Release);
+    }
+}
+
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// A thread with its own connection that checkpoints the WAL every
+/// [`CHECKPOINT_EVERY`] (PASSIVE: it never blocks the writer), so the fsync
+/// of a checkpoint never lands in a request's commit.
+fn spawn_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<(), String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_millis(250))
+        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("quota-checkpoint".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                // failures (busy, I/O) are retried next round; the WAL keeps the data
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// One identity's persisted total and name.
@@ -106,6 +139,10 @@ impl QuotaStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(fail)?;
+        // Checkpoints (copying the WAL into the database, with an fsync) run on
+        // a background thread, never inside a request's commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(fail)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS usage (
                  id TEXT PRIMARY KEY,
@@ -118,12 +155,20 @@ impl QuotaStore {
         .map_err(fail)?;
         add_user_column(&conn).map_err(fail)?;
         let used = load(&conn).map_err(fail)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_checkpointer(&path, stop.clone()).map_err(|e| {
+            format!(
+                "cannot start the quota store's checkpoint thread for {}: {e}",
+                path.display()
+            )
+        })?;
         Ok(QuotaStore {
             db: Some(Db {
                 path,
                 conn: Mutex::new(conn),
                 pending: Mutex::default(),
                 committing: AtomicBool::new(false),
+                stop_checkpointer: stop,
             }),
             used: Mutex::new(used),
             warnings: Mutex::default(),
