@@ -39,8 +39,8 @@ pub enum GatewayError {
     UpstreamTimeout { phase: TimeoutPhase },
     /// The engine broke the exchange (reset, garbage, early close).
     UpstreamFailed { detail: String },
-    /// A filter refused the request.
-    Rejected(Rejection),
+    /// A filter refused the request (boxed: it is the largest variant).
+    Rejected(Box<Rejection>),
     /// A bug or a failed worker inside the gateway.
     Internal { detail: String },
 }
@@ -82,6 +82,10 @@ pub struct ErrorSpec {
 const INVALID: &str = "invalid_request_error";
 
 impl GatewayError {
+    pub fn rejected(rejection: Rejection) -> GatewayError {
+        GatewayError::Rejected(Box::new(rejection))
+    }
+
     pub fn spec(&self) -> ErrorSpec {
         use GatewayError as E;
         let (status, error_type, code, param, message) = match self {

@@ -20,12 +20,14 @@
 //! `config` turns YAML into a validated [`config::Config`]; `errors` maps every
 //! client-visible error to its status and OpenAI body.
 
+pub mod access_log;
 pub mod body;
 pub mod catalog;
 pub mod config;
 pub mod errors;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

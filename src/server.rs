@@ -29,25 +29,50 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let admin = concrete_listen(admin).map_err(|e| format!("cannot bind {admin}: {e}"))?;
         config.server.admin_listen = Some(admin);
     }
+    if let Some(metrics) = config.server.metrics_listen {
+        let same_as_admin = config.server.admin_listen.filter(|a| *a == metrics);
+        let metrics = match same_as_admin {
+            Some(a) => a,
+            None => concrete_listen(metrics).map_err(|e| format!("cannot bind {metrics}: {e}"))?,
+        };
+        config.server.metrics_listen = Some(metrics);
+    }
     let admin_listen = config.server.admin_listen;
+    let metrics_listen = config
+        .server
+        .metrics_listen
+        .filter(|m| Some(*m) != admin_listen);
     let app = AppState::new(config)?;
     if let Some(auth) = &app.auth {
         if auth.config().watch {
-            auth.spawn_watcher(Box::new(|outcome| match outcome {
-                Ok(report) => {
-                    log::info!(
-                        "keys/users files changed: reloaded {} keys, {} users",
-                        report.keys,
-                        report.users
-                    );
-                    for warning in &report.warnings {
-                        log::warn!("{warning}");
+            let watcher_app = app.clone();
+            auth.spawn_watcher(Box::new(move |outcome| {
+                let result = if outcome.is_ok() {
+                    "success"
+                } else {
+                    "failure"
+                };
+                watcher_app
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["keys", result])
+                    .inc();
+                match outcome {
+                    Ok(report) => {
+                        log::info!(
+                            "keys/users files changed: reloaded {} keys, {} users",
+                            report.keys,
+                            report.users
+                        );
+                        for warning in &report.warnings {
+                            log::warn!("{warning}");
+                        }
                     }
-                }
-                Err(reason) => {
-                    log::error!(
+                    Err(reason) => {
+                        log::error!(
                         "keys/users files changed but reloading failed, nothing changed: {reason}"
                     )
+                    }
                 }
             }))?;
         }
@@ -75,14 +100,15 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let mut proxy =
         pingora_proxy::http_proxy_service(&server.configuration, Gateway { app: app.clone() });
     proxy.add_tcp(&listen.to_string());
-    if let Some(admin) = admin_listen {
-        proxy.add_tcp(&admin.to_string());
+    for side in admin_listen.iter().chain(metrics_listen.iter()) {
+        proxy.add_tcp(&side.to_string());
     }
     server.add_service(proxy);
     server.add_service(background_service("pool supervisor", Supervisor { app }));
     // the main listener's line first: scripts read the first line
     let mut announce = vec![(listen, "")];
     announce.extend(admin_listen.map(|a| (a, "admin ")));
+    announce.extend(metrics_listen.map(|a| (a, "metrics ")));
     announce_when_listening(announce);
     server.run_forever();
 }

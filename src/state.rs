@@ -1,6 +1,8 @@
 //! Everything a request needs, built once from a validated config.
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::routing::Router;
 use infergate_filters::auth::Auth;
 use infergate_filters::limits::Limits;
@@ -19,6 +21,8 @@ pub struct AppState {
     /// Pooled HTTP/1.1 connections to engines (vLLM, SGLang, llama.cpp speak HTTP/1.1).
     pub connector: Connector,
     pub started_at: std::time::SystemTime,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
 }
 
 impl AppState {
@@ -31,6 +35,14 @@ impl AppState {
         let chain = built.chain;
         let auth = built.auth;
         let limits = built.limits;
+        let models = config
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
+            .collect();
+        let metrics = Metrics::new(models).map_err(|e| format!("cannot set up metrics: {e}"))?;
+        let access_log = AccessLog::start(config.access_log.clone())
+            .map_err(|e| format!("cannot start the access log: {e}"))?;
         Ok(Arc::new(AppState {
             router,
             chain,
@@ -39,6 +51,8 @@ impl AppState {
             connector: Connector::new(None),
             config,
             started_at: std::time::SystemTime::now(),
+            metrics,
+            access_log,
         }))
     }
 }

@@ -166,7 +166,7 @@ fn rs256_deployment_refuses_forged_and_malformed_tokens() {
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
     wait_until(std::time::Duration::from_secs(5), "access lines", || {
-        gw.stderr().matches("status=401").count() >= cases.len()
+        gw.stderr().matches("\"status\":401").count() >= cases.len()
     });
     let log = gw.stderr();
     for (what, token) in &cases {

@@ -286,7 +286,7 @@ fn aborted_stream_refunds_its_unused_reservation() {
     assert!(remaining > 100000 - 300, "refunded: {remaining} left");
     std::thread::sleep(Duration::from_millis(100));
     assert!(
-        s.gw.stderr().contains("usage=estimated"),
+        s.gw.stderr().contains("\"usage\":\"estimated\""),
         "the aborted request's usage is marked estimated"
     );
 }

@@ -13,6 +13,10 @@
 //!
 //! What they learn travels in [`FilterState`] to the response and the log.
 
+// `Rejection` is the cold path (a refused request); keeping it unboxed keeps
+// the filters simple, and its size does not matter for the admitted requests.
+#![allow(clippy::result_large_err)]
+
 pub mod auth;
 mod chain;
 pub mod cors;
@@ -157,6 +161,10 @@ pub struct Rejection {
     pub retry_after: Option<u32>,
     /// Extra headers for this error (e.g. `x-should-retry: false`).
     pub headers: Vec<(&'static str, String)>,
+    /// Which limit refused, for metrics (`requests_per_second`,
+    /// `concurrency`, `tokens_per_minute`, `request_too_large`, `quota`,
+    /// `login`); `None` for refusals that are not limits.
+    pub limit: Option<&'static str>,
 }
 
 impl Rejection {
@@ -174,6 +182,7 @@ impl Rejection {
             message: message.into(),
             retry_after: None,
             headers: Vec::new(),
+            limit: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Sections are deserialized one by one (each pool on its own) so that one
 //! bad section does not hide the errors of the others.
 
-use super::raw::{RawPool, RawRouting, RawServer, RawTimeouts, RawUpstream};
+use super::raw::{RawAccessLog, RawPool, RawRouting, RawServer, RawTimeouts, RawUpstream};
 use super::validate::{validate, RawConfig};
 use super::{Config, ConfigError};
 use infergate_filters::FilterConfig;
@@ -12,7 +12,13 @@ use serde_yaml::Value;
 use std::path::Path;
 
 const SECTIONS: &[&str] = &[
-    "server", "timeouts", "upstream", "routing", "pools", "filters",
+    "server",
+    "timeouts",
+    "upstream",
+    "routing",
+    "pools",
+    "filters",
+    "access_log",
 ];
 
 /// Read and validate a config file.
@@ -59,6 +65,7 @@ pub fn parse_str(text: &str) -> Result<Config, Vec<ConfigError>> {
         timeouts: section::<RawTimeouts>(&map, "timeouts", &mut errors).unwrap_or_default(),
         upstream: section::<RawUpstream>(&map, "upstream", &mut errors).unwrap_or_default(),
         routing: section::<RawRouting>(&map, "routing", &mut errors).unwrap_or_default(),
+        access_log: section::<RawAccessLog>(&map, "access_log", &mut errors).unwrap_or_default(),
         pools: list::<RawPool>(&map, "pools", &mut errors),
         filters: if map.contains_key("filters") {
             list::<FilterConfig>(&map, "filters", &mut errors)

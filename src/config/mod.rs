@@ -38,6 +38,8 @@ impl std::fmt::Display for ConfigError {
 /// The validated configuration. Immutable once built.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where and how access lines are written.
+    pub access_log: crate::access_log::AccessLogConfig,
     pub server: ServerConfig,
     pub timeouts: Timeouts,
     pub upstream: UpstreamConfig,
@@ -55,6 +57,8 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// When set, `/admin/*` is served only on this address (e.g. loopback).
     pub admin_listen: Option<SocketAddr>,
+    /// When set, `/metrics` is served only on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy)]

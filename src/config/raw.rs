@@ -15,6 +15,7 @@ pub struct RawServer {
     pub max_request_body_bytes: Option<u64>,
     pub grace_period: Option<String>,
     pub admin_listen: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,4 +79,16 @@ pub struct RawPool {
     pub discover_models: Option<bool>,
     pub owned_by: Option<String>,
     pub inject_stream_usage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub enabled: Option<bool>,
+    pub format: Option<String>,
+    pub output: Option<String>,
+    pub path: Option<String>,
+    pub max_size_bytes: Option<u64>,
+    pub max_age: Option<String>,
+    pub max_files: Option<usize>,
 }

@@ -2,12 +2,14 @@
 
 use super::duration::parse_duration;
 use super::raw::{
-    RawBackend, RawHealthCheck, RawPool, RawRouting, RawServer, RawTimeouts, RawUpstream,
+    RawAccessLog, RawBackend, RawHealthCheck, RawPool, RawRouting, RawServer, RawTimeouts,
+    RawUpstream,
 };
 use super::{
     BackendConfig, Balance, Config, ConfigError, HealthCheckConfig, PoolConfig, RoutingConfig,
     ServerConfig, Timeouts, UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
 };
+use crate::access_log::{AccessLogConfig, FileOutput, Format, Output, DEFAULT_MAX_AGE};
 use infergate_filters::FilterConfig;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -19,6 +21,7 @@ use std::time::Duration;
 const MAX_WEIGHT: usize = 1000;
 
 pub struct RawConfig {
+    pub access_log: RawAccessLog,
     pub server: RawServer,
     pub timeouts: RawTimeouts,
     pub upstream: RawUpstream,
@@ -88,12 +91,83 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         }
     }
     Config {
+        access_log: validate_access_log(raw.access_log, &mut errs),
         server,
         timeouts,
         upstream,
         routing,
         pools,
         filters: validate_filters(raw.filters, &mut errs),
+    }
+}
+
+fn validate_access_log(raw: RawAccessLog, errs: &mut Errors) -> AccessLogConfig {
+    let format = match raw.format.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("text") => Format::Text,
+        Some(other) => {
+            errs.push(
+                "access_log.format",
+                format!("`{other}` is not a format; use json or text"),
+            );
+            Format::Json
+        }
+    };
+    let file_keys = raw.path.is_some()
+        || raw.max_size_bytes.is_some()
+        || raw.max_age.is_some()
+        || raw.max_files.is_some();
+    let output = match (raw.output.as_deref(), raw.path) {
+        (None | Some("stderr"), None) => Output::Stderr,
+        (Some("stdout"), None) => Output::Stdout,
+        (None | Some("file"), Some(path)) => {
+            let mut file = FileOutput::new(path);
+            if let Some(bytes) = raw.max_size_bytes {
+                file.max_size_bytes = bytes;
+            }
+            if let Some(age) = &raw.max_age {
+                file.max_age = match age.as_str() {
+                    "0" | "never" => None,
+                    _ => Some(errs.duration("access_log.max_age", Some(age), DEFAULT_MAX_AGE)),
+                };
+            }
+            if let Some(n) = raw.max_files {
+                file.max_files = n;
+            }
+            Output::File(file)
+        }
+        (Some("file"), None) => {
+            errs.push("access_log.path", "output: file needs a path");
+            Output::Stderr
+        }
+        (Some(other @ ("stderr" | "stdout")), Some(_)) => {
+            errs.push(
+                "access_log.path",
+                format!("a path is only used with output: file (output is {other})"),
+            );
+            Output::Stderr
+        }
+        (Some(other), _) => {
+            errs.push(
+                "access_log.output",
+                format!("`{other}` is not an output; use stderr, stdout or file"),
+            );
+            Output::Stderr
+        }
+    };
+    if file_keys && !matches!(output, Output::File(_)) && raw.output.as_deref() != Some("file") {
+        // path-less rotation keys: reported once, as above or here
+        if raw.max_size_bytes.is_some() || raw.max_age.is_some() || raw.max_files.is_some() {
+            errs.push(
+                "access_log",
+                "max_size_bytes, max_age and max_files apply to output: file only",
+            );
+        }
+    }
+    AccessLogConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        format,
+        output,
     }
 }
 
@@ -121,7 +195,7 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
     if max_body == 0 {
         errs.push("server.max_request_body_bytes", "must be at least 1");
     }
-    ServerConfig {
+    let server = ServerConfig {
         listen,
         threads: threads.max(1),
         max_request_body_bytes: max_body,
@@ -131,7 +205,29 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
                 .map_err(|e| errs.push("server.admin_listen", e))
                 .ok()
         }),
+        metrics_listen: raw.metrics_listen.and_then(|text| {
+            resolve(&text)
+                .map_err(|e| errs.push("server.metrics_listen", e))
+                .ok()
+        }),
+    };
+    for (key, side) in [
+        ("server.admin_listen", server.admin_listen),
+        ("server.metrics_listen", server.metrics_listen),
+    ] {
+        if let Some(side) = side {
+            if side.port() != 0 && side.port() == listen.port() {
+                errs.push(
+                    key,
+                    format!(
+                        "uses the same port as server.listen ({}); give it its own port",
+                        listen.port()
+                    ),
+                );
+            }
+        }
     }
+    server
 }
 
 fn validate_upstream(raw: RawUpstream, errs: &mut Errors) -> UpstreamConfig {

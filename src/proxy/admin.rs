@@ -25,7 +25,7 @@ pub fn needs_protection() -> Rejection {
 }
 
 fn not_configured(what: &str) -> GatewayError {
-    GatewayError::Rejected(Rejection::new(
+    GatewayError::rejected(Rejection::new(
         404,
         "invalid_request_error",
         "not_configured",
@@ -50,7 +50,7 @@ pub async fn login(
     let Some(auth) = app.auth.clone() else {
         return Err(not_configured("Login"));
     };
-    auth.check_login_rate(ip).map_err(GatewayError::Rejected)?;
+    auth.check_login_rate(ip).map_err(GatewayError::rejected)?;
     let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
     ctx.request_bytes = body.len();
     // serde's messages can quote the input: never let a password reach one
@@ -59,13 +59,15 @@ pub async fn login(
             detail: r#"send {"email": "...", "password": "..."} as JSON"#.to_string(),
         })?;
     // argon2 takes tens of milliseconds of CPU: keep it off the proxy's threads
-    let grant =
-        tokio::task::spawn_blocking(move || auth.login(&credentials.email, &credentials.password))
-            .await
-            .map_err(|_| GatewayError::Internal {
-                detail: "the login worker failed".into(),
-            })?
-            .map_err(GatewayError::Rejected)?;
+    let grant = tokio::task::spawn_blocking(move || {
+        auth.login(&credentials.email, &credentials.password)
+            .map_err(Box::new)
+    })
+    .await
+    .map_err(|_| GatewayError::Internal {
+        detail: "the login worker failed".into(),
+    })?
+    .map_err(GatewayError::Rejected)?;
     let body = json!({
         "success": true,
         "data": {"token": grant.token, "version": grant.version, "user_id": grant.user_id},
@@ -89,6 +91,15 @@ pub async fn reload_keys(
         .map_err(|_| GatewayError::Internal {
             detail: "the reload worker failed".into(),
         })?;
+    let result = if outcome.is_ok() {
+        "success"
+    } else {
+        "failure"
+    };
+    app.metrics
+        .config_reloads
+        .with_label_values(&["keys", result])
+        .inc();
     match outcome {
         Ok(report) => {
             log::info!(
@@ -109,7 +120,7 @@ pub async fn reload_keys(
         }
         Err(reason) => {
             log::error!("keys reload via /admin/reload-keys failed, nothing changed: {reason}");
-            Err(GatewayError::Rejected(Rejection::new(
+            Err(GatewayError::rejected(Rejection::new(
                 422,
                 "invalid_request_error",
                 "reload_failed",

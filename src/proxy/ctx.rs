@@ -32,6 +32,20 @@ pub struct RequestCtx {
     pub injected_usage: bool,
     /// Reads usage off the response.
     pub tap: UsageTap,
+    /// A model pool was chosen: the request counts as proxied in metrics.
+    pub proxied: bool,
+    /// When the request went to the engine (upstream response time).
+    pub sent_at: Option<Instant>,
+    /// SSE responses: when the previous body chunk arrived, and the
+    /// gap histogram for this request's model.
+    pub last_chunk_at: Option<Instant>,
+    /// SSE responses: when the first body chunk arrived (time to first token).
+    pub first_chunk_at: Option<Instant>,
+    pub chunk_gaps: Option<prometheus::Histogram>,
+    /// The limit that refused the request, for metrics.
+    pub limited: Option<&'static str>,
+    /// `http_active_requests` was incremented for this request.
+    pub counted_active: bool,
 }
 
 impl RequestCtx {
@@ -55,6 +69,13 @@ impl RequestCtx {
             stream: false,
             injected_usage: false,
             tap: UsageTap::off(),
+            proxied: false,
+            sent_at: None,
+            last_chunk_at: None,
+            first_chunk_at: None,
+            chunk_gaps: None,
+            limited: None,
+            counted_active: false,
         }
     }
 

@@ -26,6 +26,8 @@ pub enum Endpoint {
     AdminReloadKeys,
     /// `GET /admin/usage`: each principal's quota, usage and in-flight requests.
     AdminUsage,
+    /// `GET /metrics`: Prometheus exposition.
+    Metrics,
 }
 
 impl Endpoint {
@@ -44,6 +46,7 @@ impl Endpoint {
             Endpoint::Login => "login",
             Endpoint::AdminReloadKeys => "admin_reload_keys",
             Endpoint::AdminUsage => "admin_usage",
+            Endpoint::Metrics => "metrics",
         }
     }
 
@@ -60,7 +63,8 @@ impl Endpoint {
             | Endpoint::Live
             | Endpoint::Ready
             | Endpoint::Services
-            | Endpoint::Stats => Access::Public,
+            | Endpoint::Stats
+            | Endpoint::Metrics => Access::Public,
         }
     }
 }
@@ -112,6 +116,7 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
         "/services" => return get_only(Endpoint::Services),
         "/stats" => return get_only(Endpoint::Stats),
         "/admin/usage" => return get_only(Endpoint::AdminUsage),
+        "/metrics" => return get_only(Endpoint::Metrics),
         "/user/user_login" => {
             return match method {
                 "POST" => Ok(Endpoint::Login),

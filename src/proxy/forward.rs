@@ -143,7 +143,10 @@ async fn send_request(
         let mut req = request.clone();
         let _ = req.insert_header("host", address.to_string());
         match write_request(&mut upstream, req, body).await {
-            Ok(()) => return Ok((upstream, peer)),
+            Ok(()) => {
+                ctx.sent_at = Some(Instant::now());
+                return Ok((upstream, peer));
+            }
             Err(e) if reused && stale_retries < 2 => {
                 // the engine closed this idle pooled connection; it saw nothing
                 log::debug!("stale pooled connection to {address}: {e}; retrying on a new one");
@@ -247,7 +250,14 @@ async fn relay_response(
         }
         Ok(Ok(_)) => {}
     }
-    ctx.first_byte_at = Some(Instant::now());
+    let now = Instant::now();
+    ctx.first_byte_at = Some(now);
+    if let (Some(sent), Some(pool)) = (ctx.sent_at, ctx.pool.as_deref()) {
+        app.metrics
+            .upstream_response
+            .with_label_values(&[pool])
+            .observe((now - sent).as_secs_f64());
+    }
     let Some(header) = upstream.resp_header().cloned() else {
         return Err(GatewayError::UpstreamFailed {
             detail: "no response header".into(),
@@ -284,6 +294,10 @@ async fn relay_response(
     {
         ctx.client_gone = true;
         return Ok(());
+    }
+    if is_sse {
+        // the first body chunk is the first token as far as the gateway can tell
+        ctx.last_chunk_at = Some(ctx.started);
     }
     match relay_body(app, session, ctx, upstream).await {
         Ok(()) => {
@@ -356,6 +370,9 @@ async fn relay_body(
             }
             Ok(Ok(None)) => return flush_tap(session, ctx).await,
             Ok(Ok(Some(bytes))) => {
+                if let Some(previous) = ctx.last_chunk_at {
+                    observe_chunk(app, ctx, previous);
+                }
                 let bytes = ctx.tap.on_chunk(bytes);
                 if bytes.is_empty() {
                     // everything in it was held back or removed; an empty
@@ -373,6 +390,25 @@ async fn relay_body(
             }
         }
     }
+}
+
+/// Streams: time to first token for the first chunk, gap for the others.
+fn observe_chunk(app: &AppState, ctx: &mut RequestCtx, previous: Instant) {
+    let now = Instant::now();
+    let seconds = (now - previous).as_secs_f64();
+    match &ctx.chunk_gaps {
+        Some(gaps) => gaps.observe(seconds),
+        None => {
+            ctx.first_chunk_at = Some(now);
+            let model = app.metrics.model_label(ctx.model.as_deref()).to_string();
+            app.metrics
+                .ttft
+                .with_label_values(&[model.as_str()])
+                .observe(seconds);
+            ctx.chunk_gaps = Some(app.metrics.inter_chunk.with_label_values(&[model.as_str()]));
+        }
+    }
+    ctx.last_chunk_at = Some(now);
 }
 
 /// Bytes the usage tap held back (an unterminated last event) go out as they were.

@@ -20,9 +20,11 @@ mod upstream_error;
 pub use ctx::RequestCtx;
 pub use endpoint::{classify, Endpoint};
 
+use crate::access_log::Record;
 use crate::body::{apply_edits, include_usage_edit, inspect, model_edit, BodyInfo};
 use crate::catalog;
 use crate::errors::GatewayError;
+use crate::metrics::Finished;
 use crate::state::AppState;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -55,6 +57,8 @@ impl ProxyHttp for Gateway {
         session.as_downstream_mut().set_pipelining_enabled(true);
         // A client that stops reading must not pin an engine forever.
         session.set_write_timeout(Some(self.app.config.timeouts.idle));
+        self.app.metrics.http_active.inc();
+        ctx.counted_active = true;
         handle(&self.app, session, ctx).await;
         if ctx.client_gone || !session.is_body_done() {
             // the client left, a write failed, or we answered without draining
@@ -79,34 +83,83 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let usage = settle_usage(ctx);
         let req = session.req_header();
-        log::info!(
-            target: "access",
-            "{} {} {} status={} dur_ms={:.3} ttfb_ms={} endpoint={} user={} model={} pool={} backend={} req_bytes={} resp_bytes={} prompt_tokens={} completion_tokens={} usage={} error={} client_gone={}{}",
-            ctx.request_id(),
-            req.method,
-            req.uri.path(),
-            ctx.status,
-            ctx.started.elapsed().as_secs_f64() * 1000.0,
-            ctx.first_byte_at.map_or("-".to_string(), |t| format!("{:.3}", (t - ctx.started).as_secs_f64() * 1000.0)),
-            ctx.endpoint,
-            ctx.user.as_deref().unwrap_or("-"),
-            ctx.model.as_deref().unwrap_or("-"),
-            ctx.pool.as_deref().unwrap_or("-"),
-            ctx.backend.map_or("-".to_string(), |b| b.to_string()),
-            ctx.request_bytes,
-            ctx.response_bytes,
-            usage.map_or("-".to_string(), |u| u.prompt_tokens.to_string()),
-            usage.map_or("-".to_string(), |u| u.completion_tokens.to_string()),
-            usage.map_or("-", |u| if u.estimated { "estimated" } else { "reported" }),
-            ctx.error_code.unwrap_or("-"),
-            ctx.client_gone,
-            error.map_or(String::new(), |e| format!(" pingora_error={e}")),
-        );
+        if ctx.counted_active {
+            self.app.metrics.http_active.dec();
+        }
+        let error_type = match (ctx.error_code, ctx.status) {
+            (Some(code), _) => Some(code),
+            (None, s) if s >= 400 => Some(upstream_error_label(s)),
+            _ => None,
+        };
+        self.app.metrics.record_request(&Finished {
+            method: req.method.as_str(),
+            endpoint: ctx.endpoint,
+            status: ctx.status,
+            duration_s: ctx.started.elapsed().as_secs_f64(),
+            error: error_type,
+            limited: ctx.limited,
+            proxied: ctx.proxied,
+            model: ctx.model.as_deref(),
+            user: ctx.user.as_deref(),
+            tokens: usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+        });
+        if self.app.access_log.is_enabled() {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            self.app.access_log.write(&Record {
+                time: String::new(),
+                request_id: ctx.request_id(),
+                client: session.client_addr().map(|a| a.to_string()),
+                user: ctx.user.as_deref(),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status: ctx.status,
+                duration_ms: ms(ctx.started.elapsed()),
+                endpoint: ctx.endpoint,
+                model: ctx.model.as_deref(),
+                pool: ctx.pool.as_deref(),
+                backend: ctx.backend.map(|b| b.to_string()),
+                prompt_tokens: usage.map(|u| u.prompt_tokens),
+                completion_tokens: usage.map(|u| u.completion_tokens),
+                usage: usage.map(|u| if u.estimated { "estimated" } else { "reported" }),
+                ttft_ms: ctx
+                    .first_chunk_at
+                    .or(ctx.first_byte_at)
+                    .map(|t| ms(t - ctx.started)),
+                request_bytes: ctx.request_bytes as u64,
+                response_bytes: ctx.response_bytes as u64,
+                stream: ctx.stream,
+                error: error_type,
+                client_gone: ctx.client_gone,
+            });
+        }
+        if let Some(e) = error {
+            log::debug!("request {}: pingora error {e}", ctx.request_id());
+        }
         if let Some(guard) = ctx.inflight.take() {
             guard
                 .state()
                 .record_duration(ctx.started.elapsed().as_micros() as u64);
         }
+    }
+}
+
+/// `http_errors_total{type}` for an engine's own error status.
+fn upstream_error_label(status: u16) -> &'static str {
+    match status {
+        400 => "upstream_400",
+        401 => "upstream_401",
+        403 => "upstream_403",
+        404 => "upstream_404",
+        408 => "upstream_408",
+        413 => "upstream_413",
+        422 => "upstream_422",
+        429 => "upstream_429",
+        500 => "upstream_500",
+        502 => "upstream_502",
+        503 => "upstream_503",
+        504 => "upstream_504",
+        s if s < 500 => "upstream_4xx",
+        _ => "upstream_5xx",
     }
 }
 
@@ -190,6 +243,9 @@ impl Request for FilterView<'_> {
 async fn handle(app: &AppState, session: &mut Session, ctx: &mut RequestCtx) {
     let outcome = route_and_forward(app, session, ctx).await;
     if let Err(error) = outcome {
+        if let GatewayError::Rejected(r) = &error {
+            ctx.limited = r.limit;
+        }
         if respond::write_error(session, ctx, &error).await.is_err() {
             ctx.client_gone = true;
         }
@@ -203,14 +259,42 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-fn on_admin_listener(app: &AppState, session: &Session) -> bool {
-    let Some(admin) = app.config.server.admin_listen else {
-        return false;
-    };
-    session
+/// Which of the optional side listeners (admin, metrics) the request came in on.
+fn side_listeners(app: &AppState, session: &Session) -> (bool, bool) {
+    let local = session
         .server_addr()
         .and_then(|a| a.as_inet())
-        .is_some_and(|local| local.port() == admin.port())
+        .map(|a| a.port());
+    let on = |addr: Option<std::net::SocketAddr>| {
+        addr.is_some_and(|a| Some(a.port()) == local && a.port() != app.config.server.listen.port())
+    };
+    (
+        on(app.config.server.admin_listen),
+        on(app.config.server.metrics_listen),
+    )
+}
+
+/// Whether this listener serves this request: `/admin/*` and `/metrics` live
+/// only on their own listener when one is configured, and side listeners
+/// serve nothing but their own endpoints and the status pages.
+fn served_here(
+    app: &AppState,
+    access: Access,
+    is_metrics: bool,
+    admin: bool,
+    metrics: bool,
+) -> bool {
+    let server = &app.config.server;
+    if access == Access::Admin {
+        return server.admin_listen.is_none() || admin;
+    }
+    if is_metrics {
+        return server.metrics_listen.is_none() || metrics;
+    }
+    if admin || metrics {
+        return access == Access::Public;
+    }
+    true
 }
 
 async fn route_and_forward(
@@ -229,15 +313,12 @@ async fn route_and_forward(
         }
         Err(_) => endpoint::access_for_path(session.req_header().uri.path()),
     };
-    let admin_listener = on_admin_listener(app, session);
-    if app.config.server.admin_listen.is_some() && (access == Access::Admin) != admin_listener {
-        // /admin/* lives only on the admin listener, and it serves nothing else
-        // but status pages
-        if access != Access::Public || !admin_listener {
-            return Err(GatewayError::UnknownPath {
-                path: session.req_header().uri.path().to_string(),
-            });
-        }
+    let (admin_listener, metrics_listener) = side_listeners(app, session);
+    let is_metrics = matches!(classified, Ok(Endpoint::Metrics));
+    if !served_here(app, access, is_metrics, admin_listener, metrics_listener) {
+        return Err(GatewayError::UnknownPath {
+            path: session.req_header().uri.path().to_string(),
+        });
     }
     let ip = client_ip(session);
     let flow = app
@@ -250,7 +331,7 @@ async fn route_and_forward(
             },
             &mut ctx.filters,
         )
-        .map_err(GatewayError::Rejected)?;
+        .map_err(GatewayError::rejected)?;
     if let Flow::Respond(local) = flow {
         if respond::write_local(session, ctx, local).await.is_err() {
             ctx.client_gone = true;
@@ -265,7 +346,7 @@ async fn route_and_forward(
         header.remove_header("x-api-key");
     }
     if access == Access::Admin && app.auth.is_none() && !admin_listener {
-        return Err(GatewayError::Rejected(admin::needs_protection()));
+        return Err(GatewayError::rejected(admin::needs_protection()));
     }
     let endpoint = classified?;
     ctx.endpoint = endpoint.label();
@@ -296,6 +377,20 @@ async fn route_and_forward(
         Endpoint::AdminUsage => {
             let body = admin::usage_body(app);
             answer(session, ctx, 200, body).await
+        }
+        Endpoint::Metrics => {
+            let body = app.metrics.render(app);
+            let header = [(
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8".to_string(),
+            )];
+            if respond::write_body(session, ctx, 200, body, &header)
+                .await
+                .is_err()
+            {
+                ctx.client_gone = true;
+            }
+            Ok(())
         }
         Endpoint::Inference(_) => {
             let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
@@ -389,6 +484,7 @@ async fn proxy_to_model(
         .ok_or(GatewayError::MissingModel)?
         .clone();
     ctx.pool = Some(pool.name().to_string());
+    ctx.proxied = true;
     ctx.prompt_estimate = prompt_estimate(body.len());
     app.chain
         .on_admit(
@@ -399,7 +495,7 @@ async fn proxy_to_model(
             },
             &mut ctx.filters,
         )
-        .map_err(GatewayError::Rejected)?;
+        .map_err(GatewayError::rejected)?;
     if let Some(info) = info {
         ctx.stream = info.stream;
         if pool.config.inject_stream_usage {

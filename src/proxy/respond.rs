@@ -15,8 +15,21 @@ pub async fn write_json(
     body: Vec<u8>,
     extra: &[(&'static str, String)],
 ) -> Result<()> {
+    let mut headers = Vec::with_capacity(extra.len() + 1);
+    headers.push(("content-type", "application/json".to_string()));
+    headers.extend_from_slice(extra);
+    write_body(session, ctx, status, body, &headers).await
+}
+
+/// Write a complete response; `extra` must include the content type.
+pub async fn write_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body.len().to_string())?;
     for (name, value) in extra.iter().chain(ctx.filters.response_headers.iter()) {
         header.insert_header(*name, value.as_str())?;

@@ -498,6 +498,7 @@ impl Auth {
                 format!("Too many login attempts from your address; retry in {secs} s."),
             );
             r.retry_after = Some(secs);
+            r.limit = Some("login");
             r
         })
     }

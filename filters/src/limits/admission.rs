@@ -265,6 +265,7 @@ fn quota_exhausted(scope: &Scope, quota: u64) -> Rejection {
             scope.owner()
         ),
     );
+    r.limit = Some("quota");
     r.headers.push(no_retry());
     r
 }
@@ -280,6 +281,7 @@ fn too_many_requests(scope: &Scope, per_sec: f64, wait: Duration) -> Rejection {
             scope.describe()
         ),
     );
+    r.limit = Some("requests_per_second");
     r.retry_after = Some(secs);
     r
 }
@@ -295,6 +297,7 @@ fn too_many_concurrent(scope: &Scope, limit: Option<u32>) -> Rejection {
             scope.describe()
         ),
     );
+    r.limit = Some("concurrency");
     r.retry_after = Some(1);
     r
 }
@@ -308,6 +311,7 @@ fn request_too_large(estimate: u64, limit: f64) -> Rejection {
             "Request too large: it may use up to {estimate} tokens but the limit is {limit} tokens per minute; lower max_tokens or shorten the prompt."
         ),
     );
+    r.limit = Some("request_too_large");
     r.headers.push(no_retry());
     r
 }
@@ -323,6 +327,7 @@ fn too_many_tokens(scope: &Scope, limit: f64, estimate: u64, wait: Duration) -> 
             scope.describe()
         ),
     );
+    r.limit = Some("tokens_per_minute");
     r.retry_after = Some(secs);
     r
 }

@@ -1,0 +1,375 @@
+//! Prometheus metrics: the seeds' names, so existing dashboards keep working,
+//! and infergate's own catalogue in base units (`docs/observability.md`).
+//!
+//! Label values come from closed sets only: endpoint labels from the
+//! endpoint table, methods from a fixed list, models from the configured
+//! names (anything else is `other`), users from the keys/users files,
+//! backends and pools from the config. No key, path or other raw client
+//! string ever becomes a label.
+//!
+//! Request-path metrics are updated once per request in the `logging` hook
+//! (plus one histogram observation per streamed chunk); backend and model
+//! state is read from the router when Prometheus scrapes.
+
+use crate::state::AppState;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+/// Latency buckets (seconds) for whole requests and upstream answers: 1 ms
+/// to 5 minutes (the default first-byte timeout).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+/// Time to first token: 1 ms to 2 minutes.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Gap between streamed chunks: 100 µs to 10 s.
+const CHUNK_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Seed: `http_requests_total{method,endpoint,status}`.
+    pub http_requests: IntCounterVec,
+    /// Seed: `http_request_duration_seconds{method,endpoint}`.
+    pub http_duration: HistogramVec,
+    /// Seed: `http_active_requests`.
+    pub http_active: IntGauge,
+    /// Seed: `http_errors_total{type}`.
+    pub http_errors: IntCounterVec,
+    /// Seed: `token_usage_total{user,type}`.
+    pub token_usage: IntCounterVec,
+    /// Seed: `vllm_gpu_memory_total_mb{gpu}` / `vllm_gpu_memory_used_mb{gpu}`.
+    pub gpu_total_mb: GaugeVec,
+    pub gpu_used_mb: GaugeVec,
+    /// Seed: `vllm_model_loaded{model_id}`.
+    model_loaded: IntGaugeVec,
+    pub model_requests: IntCounterVec,
+    pub model_tokens: IntCounterVec,
+    pub upstream_response: HistogramVec,
+    pub ttft: HistogramVec,
+    pub inter_chunk: HistogramVec,
+    pub rate_limited: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    backend_requests: IntCounterVec,
+    backend_errors: IntCounterVec,
+    backend_in_flight: IntGaugeVec,
+    backend_healthy: IntGaugeVec,
+    backend_response_time: GaugeVec,
+    /// Model names that may appear as label values.
+    models: HashSet<String>,
+}
+
+/// Methods that get their own label value; anything else is `other`.
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "HEAD" => "HEAD",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        _ => "other",
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    // a closed set without allocating: the codes a gateway answers
+    match status {
+        0 => "0",
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        501 => "501",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 200 => "1xx",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+macro_rules! register {
+    ($registry:expr, $metric:expr) => {{
+        let metric = $metric.map_err(|e| e.to_string())?;
+        $registry
+            .register(Box::new(metric.clone()))
+            .map_err(|e| e.to_string())?;
+        metric
+    }};
+}
+
+impl Metrics {
+    pub fn new(models: HashSet<String>) -> Result<Metrics, String> {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .map_err(|e| e.to_string())?;
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(name, help).buckets(buckets.to_vec())
+        };
+        let metrics = Metrics {
+            http_requests: register!(registry, IntCounterVec::new(
+                Opts::new("http_requests_total", "Requests answered, by method, endpoint and status code."),
+                &["method", "endpoint", "status"])),
+            http_duration: register!(registry, HistogramVec::new(
+                hist("http_request_duration_seconds", "Time from request arrival to the end of the response, by method and endpoint.", REQUEST_BUCKETS),
+                &["method", "endpoint"])),
+            http_active: register!(registry, IntGauge::new(
+                "http_active_requests", "Requests being handled now.")),
+            http_errors: register!(registry, IntCounterVec::new(
+                Opts::new("http_errors_total", "Requests that ended in an error, by error code (the OpenAI error `code`, or `upstream_<status>` for an engine's error)."),
+                &["type"])),
+            token_usage: register!(registry, IntCounterVec::new(
+                Opts::new("token_usage_total", "Tokens used, by user (from the keys/users files; `anonymous` without auth) and type (prompt, completion)."),
+                &["user", "type"])),
+            gpu_total_mb: register!(registry, GaugeVec::new(
+                Opts::new("vllm_gpu_memory_total_mb", "GPU memory in MB, per GPU (absent without a GPU)."),
+                &["gpu"])),
+            gpu_used_mb: register!(registry, GaugeVec::new(
+                Opts::new("vllm_gpu_memory_used_mb", "GPU memory used in MB, per GPU (absent without a GPU)."),
+                &["gpu"])),
+            model_loaded: register!(registry, IntGaugeVec::new(
+                Opts::new("vllm_model_loaded", "1 when a configured model has a healthy backend, else 0."),
+                &["model_id"])),
+            model_requests: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_model_requests_total", "Proxied requests by model (configured names; others are `other`) and status code."),
+                &["model", "status"])),
+            model_tokens: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_model_tokens_total", "Tokens by model and type (prompt, completion), as reported by the engine or estimated."),
+                &["model", "type"])),
+            upstream_response: register!(registry, HistogramVec::new(
+                hist("infergate_upstream_response_seconds", "Time from sending a request to an engine to its response header, by pool.", REQUEST_BUCKETS),
+                &["pool"])),
+            ttft: register!(registry, HistogramVec::new(
+                hist("infergate_time_to_first_token_seconds", "Streams: time from request arrival to the first chunk of the engine's response body, as the gateway saw it, by model.", TTFT_BUCKETS),
+                &["model"])),
+            inter_chunk: register!(registry, HistogramVec::new(
+                hist("infergate_inter_chunk_seconds", "Streams: time between consecutive chunks of the engine's response body, by model.", CHUNK_BUCKETS),
+                &["model"])),
+            rate_limited: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_rate_limited_total", "Requests refused by a limit, by reason (requests_per_second, concurrency, tokens_per_minute, request_too_large, quota, login)."),
+                &["reason"])),
+            config_reloads: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_config_reloads_total", "Reloads by kind (keys: the keys/users files) and result (success, failure)."),
+                &["kind", "result"])),
+            backend_requests: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_backend_requests_total", "Requests sent to a backend (connect attempts included)."),
+                &["pool", "backend"])),
+            backend_errors: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_backend_errors_total", "Failed connects, broken exchanges and 5xx answers of a backend."),
+                &["pool", "backend"])),
+            backend_in_flight: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_backend_in_flight", "Requests a backend is working on now."),
+                &["pool", "backend"])),
+            backend_healthy: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_backend_healthy", "1 when a backend takes traffic (passed its health checks), else 0."),
+                &["pool", "backend"])),
+            backend_response_time: register!(registry, GaugeVec::new(
+                Opts::new("infergate_backend_response_time_seconds", "Moving average (weight 1/10) of request durations on a backend."),
+                &["pool", "backend"])),
+            registry,
+            models,
+        };
+        let build = register!(
+            metrics.registry,
+            IntGaugeVec::new(
+                Opts::new("infergate_build_info", "Always 1; the version is a label."),
+                &["version"]
+            )
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(metrics)
+    }
+
+    /// `model` if configured, else `other`.
+    pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
+        match model {
+            Some(m) if self.models.contains(m) => m,
+            Some(_) => "other",
+            None => "none",
+        }
+    }
+
+    /// One finished request (called from the `logging` hook).
+    pub fn record_request(&self, r: &Finished<'_>) {
+        let method = method_label(r.method);
+        let status = status_label(r.status);
+        self.http_requests
+            .with_label_values(&[method, r.endpoint, status])
+            .inc();
+        self.http_duration
+            .with_label_values(&[method, r.endpoint])
+            .observe(r.duration_s);
+        if let Some(code) = r.error {
+            self.http_errors.with_label_values(&[code]).inc();
+        }
+        if let Some(reason) = r.limited {
+            self.rate_limited.with_label_values(&[reason]).inc();
+        }
+        if r.proxied {
+            let model = self.model_label(r.model);
+            self.model_requests
+                .with_label_values(&[model, status])
+                .inc();
+            if let Some((prompt, completion)) = r.tokens {
+                let user = r.user.unwrap_or("anonymous");
+                self.token_usage
+                    .with_label_values(&[user, "prompt"])
+                    .inc_by(prompt);
+                self.token_usage
+                    .with_label_values(&[user, "completion"])
+                    .inc_by(completion);
+                self.model_tokens
+                    .with_label_values(&[model, "prompt"])
+                    .inc_by(prompt);
+                self.model_tokens
+                    .with_label_values(&[model, "completion"])
+                    .inc_by(completion);
+            }
+        }
+    }
+
+    /// The exposition, with backend and model state read now.
+    pub fn render(&self, app: &AppState) -> Vec<u8> {
+        self.refresh_state(app);
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            log::error!("encoding metrics failed: {e}");
+        }
+        out
+    }
+
+    fn refresh_state(&self, app: &AppState) {
+        for pool in app.router.pools() {
+            for state in pool.backend_states() {
+                let backend = state.address.to_string();
+                let labels = [pool.name(), backend.as_str()];
+                set_counter(
+                    &self.backend_requests,
+                    &labels,
+                    state.requests.load(Ordering::Relaxed),
+                );
+                set_counter(
+                    &self.backend_errors,
+                    &labels,
+                    state.errors.load(Ordering::Relaxed),
+                );
+                self.backend_in_flight
+                    .with_label_values(&labels)
+                    .set(state.inflight.load(Ordering::Relaxed) as i64);
+                self.backend_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(pool.is_serving(&state.address)));
+                self.backend_response_time
+                    .with_label_values(&labels)
+                    .set(state.response_time_us.load(Ordering::Relaxed) as f64 / 1e6);
+            }
+            let loaded = i64::from(pool.serving_backends().next().is_some());
+            for model in pool.config.models.iter().chain(pool.config.aliases.keys()) {
+                self.model_loaded.with_label_values(&[model]).set(loaded);
+            }
+        }
+    }
+}
+
+/// Bring a counter up to `value` (backend counters live in the router as
+/// atomics; the exported counter follows them and never goes down).
+fn set_counter(counter: &IntCounterVec, labels: &[&str], value: u64) {
+    let c = counter.with_label_values(labels);
+    let current = c.get();
+    if value > current {
+        c.inc_by(value - current);
+    }
+}
+
+/// What one finished request contributes.
+pub struct Finished<'a> {
+    pub method: &'a str,
+    pub endpoint: &'static str,
+    pub status: u16,
+    pub duration_s: f64,
+    pub error: Option<&'static str>,
+    pub limited: Option<&'static str>,
+    /// It was sent (or meant to be sent) to an engine.
+    pub proxied: bool,
+    pub model: Option<&'a str>,
+    pub user: Option<&'a str>,
+    /// (prompt, completion) tokens, reported or estimated.
+    pub tokens: Option<(u64, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(m: &Metrics) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn unknown_models_and_methods_collapse_into_other() {
+        let m = Metrics::new(["known".to_string()].into_iter().collect()).unwrap();
+        for model in ["known", "client-made-this-up-1", "client-made-this-up-2"] {
+            m.record_request(&Finished {
+                method: "BREW",
+                endpoint: "chat_completions",
+                status: 200,
+                duration_s: 0.01,
+                error: None,
+                limited: None,
+                proxied: true,
+                model: Some(model),
+                user: Some("alice"),
+                tokens: Some((3, 4)),
+            });
+        }
+        let text = exposition(&m);
+        assert!(text.contains(r#"infergate_model_requests_total{model="known",status="200"} 1"#));
+        assert!(text.contains(r#"infergate_model_requests_total{model="other",status="200"} 2"#));
+        assert!(!text.contains("made-this-up"));
+        assert!(text.contains(
+            r#"http_requests_total{endpoint="chat_completions",method="other",status="200"} 3"#
+        ));
+        assert!(text.contains(r#"token_usage_total{type="completion",user="alice"} 12"#));
+    }
+
+    #[test]
+    fn odd_status_codes_become_classes() {
+        assert_eq!(status_label(299), "2xx");
+        assert_eq!(status_label(418), "4xx");
+        assert_eq!(status_label(599), "5xx");
+        assert_eq!(status_label(429), "429");
+    }
+}
