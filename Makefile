@@ -11,12 +11,14 @@ setup:
 	@command -v cmake >/dev/null || { echo "installing: cmake"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q cmake; }
 
-## setup-test: what the test suites add (wrk and nginx for the benchmark, python venv for the real engine)
+## setup-test: what the test suites add (wrk and nginx for the benchmark, python venv for the real
+## engine, prometheus + promtool for the metrics tests)
 setup-test: setup
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
@@ -42,6 +44,8 @@ lint:
 
 check-conf:
 	@for f in conf/*.yaml; do target/release/infergate --check --config "$$f" || exit 1; done
+	promtool check config conf/monitoring/prometheus.yml
+	python3 -m json.tool conf/monitoring/grafana/infergate.json >/dev/null
 
 ## real-engine: infergate in front of a real llama.cpp server, driven by the openai SDK
 real-engine: setup-test build

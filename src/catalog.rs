@@ -13,6 +13,20 @@ fn unix(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// `2024-01-15T10:30:00Z`, the seeds' timestamp form (UTC, seconds).
+fn iso(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The engine port shown for a pool's models (seed 000's `port`): the first
+/// backend that takes traffic, else the first configured one.
+fn pool_port(pool: &crate::routing::Pool) -> Option<u16> {
+    pool.serving_backends()
+        .next()
+        .or_else(|| pool.backend_states().first())
+        .map(|b| b.address.port())
+}
+
 /// Every model a client may name, in config order, discovered ones last.
 pub fn list_models(app: &AppState) -> Vec<Value> {
     let created = unix(app.started_at);
@@ -24,11 +38,14 @@ pub fn list_models(app: &AppState) -> Vec<Value> {
         } else {
             "unavailable"
         };
+        let port = pool_port(pool);
         let entry = |id: &str, root: &str| {
             json!({
                 "id": id, "object": "model", "created": created,
                 "owned_by": pool.config.owned_by, "root": root,
                 "status": status, "pool": pool.name(), "healthy_backends": serving,
+                "port": port, "gpu_memory_mb": null,
+                "request_count": app.models.get(id).in_flight,
             })
         };
         for m in &pool.config.models {
@@ -68,13 +85,34 @@ pub fn list_body(app: &AppState, identity: Option<&Identity>) -> Vec<u8> {
         .into_bytes()
 }
 
-/// One model by id, or `None` (the caller answers 404 `model_not_found`,
-/// also for a model the caller may not use).
+/// One model by id: its list entry plus seed 000's `detail`, or `None` (the
+/// caller answers 404 `model_not_found`, also for a model the caller may
+/// not use).
 pub fn model_body(app: &AppState, id: &str, identity: Option<&Identity>) -> Option<Vec<u8>> {
-    list_models(app)
+    let mut model = list_models(app)
         .into_iter()
-        .find(|m| m["id"] == id && visible(m, identity))
-        .map(|m| m.to_string().into_bytes())
+        .find(|m| m["id"] == id && visible(m, identity))?;
+    let used = app.models.get(id);
+    let now = std::time::SystemTime::now();
+    let idle = used
+        .last_used
+        .unwrap_or(app.started_at)
+        .elapsed()
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    model["detail"] = json!({
+        "model_id": id,
+        "status": model["status"],
+        "port": model["port"],
+        "gpu_memory_mb": null,
+        "request_count": used.in_flight,
+        "total_requests": used.total,
+        "created_at": iso(app.started_at),
+        "last_used_at": used.last_used.map(iso),
+        "idle_seconds": idle,
+        "checked_at": iso(now),
+    });
+    Some(model.to_string().into_bytes())
 }
 
 fn visible(model: &Value, identity: Option<&Identity>) -> bool {
@@ -85,22 +123,55 @@ fn visible(model: &Value, identity: Option<&Identity>) -> bool {
     }
 }
 
-/// `GET /health`: the InfiniLM router's shape (`status`, `healthy_services`).
+/// `GET /health`: seeds 000 and 001 merged. `status` is `healthy` when
+/// every backend takes traffic, `degraded` when some do, `unhealthy` (503)
+/// when none does.
 pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
     let mut total = 0;
     let mut healthy = 0;
+    let mut model_status = serde_json::Map::new();
+    let mut loaded = 0;
     for pool in app.router.pools() {
         total += pool.backend_states().len();
-        healthy += pool.serving_backends().count();
+        let serving = pool.serving_backends().count();
+        healthy += serving;
+        let status = if serving > 0 {
+            "running"
+        } else {
+            "unavailable"
+        };
+        let port = pool_port(pool);
+        for id in pool.config.models.iter().chain(pool.config.aliases.keys()) {
+            if serving > 0 {
+                loaded += 1;
+            }
+            model_status.insert(
+                id.clone(),
+                json!({
+                    "model_id": id, "status": status, "port": port,
+                    "gpu_memory_mb": null, "request_count": app.models.get(id).in_flight,
+                }),
+            );
+        }
     }
-    let status = if healthy > 0 { "healthy" } else { "degraded" };
+    let (status, code) = match healthy {
+        0 => ("unhealthy", 503),
+        h if h < total => ("degraded", 200),
+        _ => ("healthy", 200),
+    };
+    let gpu = app.gpu.snapshot();
     let body = json!({
         "status": status,
         "router": "running",
         "healthy_services": format!("{healthy}/{total}"),
-        "timestamp": unix(std::time::SystemTime::now()),
+        "timestamp": iso(std::time::SystemTime::now()),
+        "gpu": gpu.gpus.first(),
+        "gpus": gpu.gpus,
+        "gpu_unavailable": gpu.unavailable,
+        "loaded_models": loaded,
+        "model_status": model_status,
     });
-    (200, body.to_string().into_bytes())
+    (code, body.to_string().into_bytes())
 }
 
 /// `GET /health/ready`: 200 `{"ready":true}` when at least one backend can
@@ -113,7 +184,7 @@ pub fn ready_body(app: &AppState) -> (u16, Vec<u8>) {
         .iter()
         .map(|p| p.serving_backends().count())
         .sum::<usize>();
-    if serving > 0 {
+    if serving > 0 || !app.config.server.ready_requires_backend {
         (200, json!({"ready": true}).to_string().into_bytes())
     } else {
         let body = json!({"ready": false, "reason": "no backend has passed its health checks"});

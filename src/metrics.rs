@@ -47,9 +47,9 @@ pub struct Metrics {
     pub http_errors: IntCounterVec,
     /// Seed: `token_usage_total{user,type}`.
     pub token_usage: IntCounterVec,
-    /// Seed: `vllm_gpu_memory_total_mb{gpu}` / `vllm_gpu_memory_used_mb{gpu}`.
-    pub gpu_total_mb: GaugeVec,
-    pub gpu_used_mb: GaugeVec,
+    /// Seed: `vllm_gpu_memory_total_mb{gpu_id}` / `vllm_gpu_memory_used_mb{gpu_id}`.
+    gpu_total_mb: GaugeVec,
+    gpu_used_mb: GaugeVec,
     /// Seed: `vllm_model_loaded{model_id}`.
     model_loaded: IntGaugeVec,
     pub model_requests: IntCounterVec,
@@ -151,10 +151,10 @@ impl Metrics {
                 &["user", "type"])),
             gpu_total_mb: register!(registry, GaugeVec::new(
                 Opts::new("vllm_gpu_memory_total_mb", "GPU memory in MB, per GPU (absent without a GPU)."),
-                &["gpu"])),
+                &["gpu_id"])),
             gpu_used_mb: register!(registry, GaugeVec::new(
                 Opts::new("vllm_gpu_memory_used_mb", "GPU memory used in MB, per GPU (absent without a GPU)."),
-                &["gpu"])),
+                &["gpu_id"])),
             model_loaded: register!(registry, IntGaugeVec::new(
                 Opts::new("vllm_model_loaded", "1 when a configured model has a healthy backend, else 0."),
                 &["model_id"])),
@@ -268,6 +268,15 @@ impl Metrics {
     }
 
     fn refresh_state(&self, app: &AppState) {
+        for gpu in &app.gpu.snapshot().gpus {
+            let id = gpu.id.to_string();
+            self.gpu_total_mb
+                .with_label_values(&[id.as_str()])
+                .set(gpu.memory.total_mb as f64);
+            self.gpu_used_mb
+                .with_label_values(&[id.as_str()])
+                .set(gpu.memory.used_mb as f64);
+        }
         for pool in app.router.pools() {
             for state in pool.backend_states() {
                 let backend = state.address.to_string();

@@ -2,7 +2,9 @@
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
+use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
+use crate::model_stats::ModelStats;
 use crate::routing::Router;
 use infergate_filters::auth::Auth;
 use infergate_filters::limits::Limits;
@@ -23,6 +25,8 @@ pub struct AppState {
     pub started_at: std::time::SystemTime,
     pub metrics: Metrics,
     pub access_log: AccessLog,
+    pub models: ModelStats,
+    pub gpu: Arc<GpuMonitor>,
 }
 
 impl AppState {
@@ -35,12 +39,13 @@ impl AppState {
         let chain = built.chain;
         let auth = built.auth;
         let limits = built.limits;
-        let models = config
+        let names: Vec<String> = config
             .pools
             .iter()
             .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
             .collect();
-        let metrics = Metrics::new(models).map_err(|e| format!("cannot set up metrics: {e}"))?;
+        let metrics = Metrics::new(names.iter().cloned().collect())
+            .map_err(|e| format!("cannot set up metrics: {e}"))?;
         let access_log = AccessLog::start(config.access_log.clone())
             .map_err(|e| format!("cannot start the access log: {e}"))?;
         Ok(Arc::new(AppState {
@@ -53,6 +58,8 @@ impl AppState {
             started_at: std::time::SystemTime::now(),
             metrics,
             access_log,
+            models: ModelStats::new(names),
+            gpu: GpuMonitor::start(),
         }))
     }
 }

@@ -44,7 +44,7 @@ fn check_reports_every_error_with_its_path_and_fails() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        "server:\n  listen: \"127.0.0.1:0\"\n  colour: red\ntimeouts: { connect: soon }\npools:\n  - name: chat\n    models: [a]\n    aliases: { b: zz }\n    backends: []\n    balance: fastest\n  - name: other\n    models: [a]\n    backends: [\"127.0.0.1:1\"]\n    health_check: { path: health }\nrouting: { default_pool: nope }\nextra: 1\nfilters:\n  - request_id: { header: \"x request id\" }\n",
+        "server:\n  listen: \"127.0.0.1:0\"\n  colour: red\ntimeouts: { connect: soon }\npools:\n  - name: chat\n    models: [a]\n    aliases: { b: zz }\n    backends: []\n    balance: fastest\n  - name: other\n    models: [a]\n    backends: [\"127.0.0.1:1\"]\n    health_check: { path: health }\nrouting: { default_pool: nope }\nextra: 1\nfilters:\n  - request_id: { header: \"x request id\" }\n  - cors: { allow_origins: [\"localhost:5173\"] }\n  - limits: { per_key: { requests_per_second: 0 } }\naccess_log: { output: syslog, format: xml }\n",
     )
     .unwrap();
     let (code, _, stderr) = check(&path);
@@ -60,6 +60,10 @@ fn check_reports_every_error_with_its_path_and_fails() {
         "pools[1].models: `a` is already served by pools[0]",
         "routing.default_pool: no pool is named `nope`",
         "filters[0].header: `x request id` is not a valid HTTP header name",
+        "filters[1].allow_origins: `localhost:5173` is not an origin",
+        "filters[2].per_key.requests_per_second",
+        "access_log.format: `xml` is not a format",
+        "access_log.output: `syslog` is not an output",
     ] {
         assert!(
             stderr.contains(expected),

@@ -29,9 +29,12 @@ fn readiness_follows_backend_health_and_liveness_stays_up() {
     assert_eq!(v["ready"], false);
     assert!(v["reason"].is_string());
     assert_eq!(status("/health/live"), 200);
+    assert_eq!(status("/health"), 503, "no backend: unhealthy");
     let health = get_json(&gw.url("/health"));
-    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["status"], "unhealthy");
     assert_eq!(health["healthy_services"], "0/1");
+    assert_eq!(health["loaded_models"], 0);
+    assert_eq!(health["model_status"]["tiny-chat"]["status"], "unavailable");
     client()
         .post(engine.url("/mock/health"))
         .body(r#"{"healthy":true}"#)

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// When set, `/metrics` is served only on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// `/health/ready` answers 503 while no backend takes traffic.
+    pub ready_requires_backend: bool,
 }
 
 #[derive(Debug, Clone, Copy)]

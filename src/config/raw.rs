@@ -16,6 +16,7 @@ pub struct RawServer {
     pub grace_period: Option<String>,
     pub admin_listen: Option<String>,
     pub metrics_listen: Option<String>,
+    pub ready_requires_backend: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

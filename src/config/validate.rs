@@ -205,6 +205,7 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
                 .map_err(|e| errs.push("server.admin_listen", e))
                 .ok()
         }),
+        ready_requires_backend: raw.ready_requires_backend.unwrap_or(true),
         metrics_listen: raw.metrics_listen.and_then(|text| {
             resolve(&text)
                 .map_err(|e| errs.push("server.metrics_listen", e))

@@ -1,5 +1,6 @@
 //! Per-request context: what the hooks decided, for the response and the log.
 
+use crate::model_stats::ModelGuard;
 use crate::routing::InflightGuard;
 use crate::usage::UsageTap;
 use infergate_filters::FilterState;
@@ -46,6 +47,8 @@ pub struct RequestCtx {
     pub limited: Option<&'static str>,
     /// `http_active_requests` was incremented for this request.
     pub counted_active: bool,
+    /// Counts this request in its model's status counters while it runs.
+    pub model_use: Option<ModelGuard>,
 }
 
 impl RequestCtx {
@@ -76,6 +79,7 @@ impl RequestCtx {
             chunk_gaps: None,
             limited: None,
             counted_active: false,
+            model_use: None,
         }
     }
 

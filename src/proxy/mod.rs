@@ -510,5 +510,8 @@ async fn proxy_to_model(
     } else {
         Bytes::from(apply_edits(&body, edits))
     };
+    if let Some(model) = &ctx.model {
+        ctx.model_use = app.models.begin(model);
+    }
     forward::forward(app, session, ctx, &pool, body).await
 }

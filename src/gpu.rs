@@ -1,0 +1,138 @@
+//! GPU state through NVML (`nvml-wrapper`), polled in the background into a
+//! snapshot that `/health` and `/metrics` read without touching the driver.
+//!
+//! Without NVML (no NVIDIA driver, as on CI machines) the snapshot says why,
+//! one warning is logged, and everything else works.
+
+use arc_swap::ArcSwap;
+use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::Nvml;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often GPU state is read.
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GpuMemory {
+    pub total_mb: u64,
+    pub used_mb: u64,
+    pub free_mb: u64,
+    /// What a new engine could allocate: NVML's free memory (reserved
+    /// memory is already excluded).
+    pub available_mb: u64,
+}
+
+/// One GPU, in seed 000's shape.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GpuInfo {
+    pub id: u32,
+    pub name: String,
+    pub temperature: Option<f64>,
+    pub utilization_percent: Option<f64>,
+    pub memory: GpuMemory,
+    pub power_draw_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuSnapshot {
+    pub gpus: Vec<GpuInfo>,
+    /// Why there is no GPU data, when there is none.
+    pub unavailable: Option<String>,
+}
+
+pub struct GpuMonitor {
+    snapshot: ArcSwap<GpuSnapshot>,
+}
+
+impl GpuMonitor {
+    /// Start polling on a background thread.
+    pub fn start() -> Arc<GpuMonitor> {
+        let monitor = Arc::new(GpuMonitor {
+            snapshot: ArcSwap::from_pointee(GpuSnapshot {
+                gpus: Vec::new(),
+                unavailable: Some("GPU state has not been read yet".to_string()),
+            }),
+        });
+        let poller = monitor.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpu-monitor".into())
+            .spawn(move || poller.run());
+        if let Err(e) = spawned {
+            monitor.snapshot.store(Arc::new(GpuSnapshot {
+                gpus: Vec::new(),
+                unavailable: Some(format!("the GPU monitor thread could not start: {e}")),
+            }));
+        }
+        monitor
+    }
+
+    pub fn snapshot(&self) -> Arc<GpuSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    fn run(&self) {
+        let nvml = match Nvml::init() {
+            Ok(nvml) => nvml,
+            Err(e) => {
+                let reason = format!("NVML is not available ({e}); no NVIDIA GPU state");
+                log::warn!("{reason}; GPU fields in /health and /metrics stay empty");
+                self.snapshot.store(Arc::new(GpuSnapshot {
+                    gpus: Vec::new(),
+                    unavailable: Some(reason),
+                }));
+                return;
+            }
+        };
+        loop {
+            self.snapshot.store(Arc::new(read(&nvml)));
+            std::thread::sleep(POLL_EVERY);
+        }
+    }
+}
+
+fn read(nvml: &Nvml) -> GpuSnapshot {
+    let count = match nvml.device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            return GpuSnapshot {
+                gpus: Vec::new(),
+                unavailable: Some(format!("NVML could not count GPUs: {e}")),
+            }
+        }
+    };
+    let mb = |bytes: u64| bytes / (1024 * 1024);
+    let mut gpus = Vec::new();
+    for id in 0..count {
+        let Ok(device) = nvml.device_by_index(id) else {
+            continue;
+        };
+        let Ok(memory) = device.memory_info() else {
+            continue;
+        };
+        gpus.push(GpuInfo {
+            id,
+            name: device.name().unwrap_or_else(|_| "unknown".to_string()),
+            temperature: device
+                .temperature(TemperatureSensor::Gpu)
+                .ok()
+                .map(f64::from),
+            utilization_percent: device.utilization_rates().ok().map(|u| f64::from(u.gpu)),
+            memory: GpuMemory {
+                total_mb: mb(memory.total),
+                used_mb: mb(memory.used),
+                free_mb: mb(memory.free),
+                available_mb: mb(memory.free),
+            },
+            power_draw_w: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+            power_limit_w: device
+                .enforced_power_limit()
+                .ok()
+                .map(|mw| f64::from(mw) / 1000.0),
+        });
+    }
+    let unavailable = gpus.is_empty().then(|| "NVML found no GPU".to_string());
+    GpuSnapshot { gpus, unavailable }
+}
