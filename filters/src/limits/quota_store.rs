@@ -1,47 +1,55 @@
-//! The quota store: each identity's lifetime token usage, kept across restarts.
+//! The quota store: each identity's lifetime token usage, kept across restarts
+//! and crashes.
 //!
-//! One SQLite file, `<data_dir>/quota.sqlite3`, table
-//! `usage(id TEXT PRIMARY KEY, used INTEGER NOT NULL, updated_at INTEGER, user TEXT)`
-//! (`updated_at`: Unix seconds; `user`: the identity's display name when last
-//! written, so `/admin/usage` can name identities not seen since a restart; a
-//! table without it is migrated at open). Only identities with a quota are
-//! written.
-//! Every row is loaded into memory at open, so admission reads a counter and
-//! never touches the disk. Settled requests are written with group commit:
-//! the settling thread that finds no commit in progress commits its own usage
-//! at once (one UPSERT, `used = used + n`), and keeps committing whatever
-//! other threads added meanwhile, in one transaction per round, until nothing
-//! is pending. A thread that finds a commit in progress leaves its usage for
-//! that committer and returns without waiting on the database, so under load
-//! no worker thread queues behind SQLite and one transaction carries many
-//! requests.
+//! Two parts in `data_dir`:
+//! - `quota.sqlite3` (SQLite, WAL mode): table
+//!   `usage(id TEXT PRIMARY KEY, used INTEGER NOT NULL, updated_at INTEGER, user TEXT)`
+//!   (`updated_at`: Unix seconds; `user`: the identity's display name when last
+//!   written, so `/admin/usage` can name identities not seen since a restart)
+//!   and `meta(key, value)` holding `folded_journal`, the last journal folded in;
+//! - `quota-journal.<N>.log`: an append-only journal, one JSON line per
+//!   settled request (`{"i":id,"t":tokens,"u":user}`).
 //!
-//! Durability: the database runs in WAL mode with `synchronous=NORMAL`. A
-//! committed write is in the WAL file, i.e. in the operating system's page
-//! cache, so a crash of the gateway process (panic, OOM kill, `kill -9`)
-//! loses nothing committed. Without contention a settle returns after its own
-//! commit; with contention its usage is in the round being committed or the
-//! next one (microseconds later). There is no fsync per commit:
-//! a power loss or kernel crash may lose the last moments of usage, which
-//! under-counts, never corrupts. The WAL is checkpointed into the database
-//! (with an fsync) by a background thread every second, never inside a
-//! request's commit. The file is
-//! safe to copy with `sqlite3 quota.sqlite3 .backup` while the gateway runs.
+//! Each settled request appends its line with one `write(2)` (O_APPEND, no
+//! fsync) before returning: from then on it survives a crash of the gateway
+//! process — panic, OOM kill, `kill -9` — because the bytes are in the
+//! operating system's page cache. A background thread folds the journal into
+//! SQLite once a second: it switches appends to journal N+1, adds journal N's
+//! lines to the table in one transaction that also records `folded_journal =
+//! N`, then deletes journal N. At open, journals after `folded_journal` are
+//! replayed (a torn last line from a crash mid-append is skipped and
+//! reported). So the request path costs one small write, SQLite writes once a
+//! second, and nothing acknowledged is lost on a process crash; a power loss or
+//! kernel crash may lose what was not yet written back to disk (under-counting,
+//! never corrupting).
 //!
-//! When a write fails (disk full, file removed) the usage is still counted in
-//! memory and the failure is reported through [`QuotaStore::take_warnings`];
-//! the request itself is never failed for it.
+//! Every total is also kept in memory, so admission reads a counter and never
+//! touches the disk. One gateway process per `data_dir`. When a write fails
+//! (disk full, directory removed) the usage is still counted in memory and the
+//! failure is reported through [`QuotaStore::take_warnings`]; the request
+//! itself is never failed for it. The database can be copied live with
+//! `sqlite3 quota.sqlite3 .backup copy.db`.
 
 use super::lock;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// File name inside `data_dir`.
 pub const FILE_NAME: &str = "quota.sqlite3";
+
+/// Journal files: `quota-journal.<N>.log`.
+const JOURNAL_PREFIX: &str = "quota-journal.";
+const JOURNAL_SUFFIX: &str = ".log";
+
+/// How often the journal is folded into the database.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// Warnings kept until the gateway collects them; older ones are counted.
 const MAX_WARNINGS: usize = 32;
@@ -49,49 +57,24 @@ const MAX_WARNINGS: usize = 32;
 /// Persisted usage counters (see the module docs).
 pub(crate) struct QuotaStore {
     /// `None`: memory only (no `data_dir`), lost on restart.
-    db: Option<Db>,
+    db: Option<Arc<Db>>,
     used: Mutex<HashMap<String, Entry>>,
-    warnings: Mutex<Warnings>,
+    warnings: Arc<Mutex<Warnings>>,
 }
 
 struct Db {
-    path: PathBuf,
+    dir: PathBuf,
     conn: Mutex<Connection>,
-    /// Usage settled but not yet committed: id → (user, tokens).
-    pending: Mutex<HashMap<String, (String, u64)>>,
-    /// A thread is committing (it will also commit what is pending).
-    committing: AtomicBool,
-    /// Tells the checkpoint thread to finish.
-    stop_checkpointer: Arc<AtomicBool>,
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        self.stop_checkpointer.store(true, Ordering::Release);
-    }
-}
-
-/// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-
-/// A thread with its own connection that checkpoints the WAL every
-/// [`CHECKPOINT_EVERY`] (PASSIVE: it never blocks the writer), so the fsync
-/// of a checkpoint never lands in a request's commit.
-fn spawn_checkpointer(path: &Path, stop: Arc<AtomicBool>) -> Result<(), String> {
-    let conn = Connection::open(path).map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_millis(250))
-        .map_err(|e| e.to_string())?;
-    std::thread::Builder::new()
-        .name("quota-checkpoint".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(CHECKPOINT_EVERY);
-                // failures (busy, I/O) are retried next round; the WAL keeps the data
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    /// The journal appends go to, and its number. Appenders take the read
+    /// lock (appends with O_APPEND need no more); the fold takes the write
+    /// lock only to switch files.
+    journal: RwLock<(u64, File)>,
+    /// Serializes folds (the background thread, `fold_now`, drop), and holds
+    /// the journals switched away from but not folded yet, oldest first: a
+    /// journal that failed to fold is retried before any newer one, so
+    /// `folded_journal` never passes an unfolded journal.
+    folding: Mutex<Vec<u64>>,
+    stop: AtomicBool,
 }
 
 /// One identity's persisted total and name.
@@ -107,9 +90,200 @@ struct Warnings {
     dropped: u64,
 }
 
+fn push_warning(warnings: &Mutex<Warnings>, message: String) {
+    let mut w = lock(warnings);
+    if w.kept.len() >= MAX_WARNINGS {
+        w.kept.remove(0);
+        w.dropped = w.dropped.saturating_add(1);
+    }
+    w.kept.push(message);
+}
+
+/// One journal line.
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    i: std::borrow::Cow<'a, str>,
+    t: u64,
+    u: std::borrow::Cow<'a, str>,
+}
+
+fn journal_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{JOURNAL_PREFIX}{n}{JOURNAL_SUFFIX}"))
+}
+
+/// Journal files in `dir`, sorted by number.
+fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let number = name
+            .strip_prefix(JOURNAL_PREFIX)
+            .and_then(|rest| rest.strip_suffix(JOURNAL_SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = number {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn open_journal(dir: &Path, n: u64) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(journal_path(dir, n))
+}
+
+/// Sum a journal per identity. A line that does not parse (a torn write at
+/// a crash) is skipped and counted.
+fn read_journal(path: &Path) -> std::io::Result<(HashMap<String, (String, u64)>, usize)> {
+    let mut sums: HashMap<String, (String, u64)> = HashMap::new();
+    let mut bad = 0;
+    for line in BufReader::new(File::open(path)?).split(b'\n') {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Line>(&line) {
+            Ok(l) => {
+                let slot = sums
+                    .entry(l.i.into_owned())
+                    .or_insert_with(|| (String::new(), 0));
+                slot.0 = l.u.into_owned();
+                slot.1 = slot.1.saturating_add(l.t);
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((sums, bad))
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Add a journal's sums to the table and record it as folded, atomically.
+fn fold_into(
+    conn: &mut Connection,
+    n: u64,
+    sums: &HashMap<String, (String, u64)>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO usage (id, used, updated_at, user) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET used = used + excluded.used,
+                 updated_at = excluded.updated_at, user = excluded.user",
+        )?;
+        let now = now_secs();
+        for (id, (user, tokens)) in sums {
+            let tokens = i64::try_from(*tokens).unwrap_or(i64::MAX);
+            stmt.execute(params![id, tokens, now, user])?;
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('folded_journal', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![i64::try_from(n).unwrap_or(i64::MAX)],
+        )?;
+    }
+    tx.commit()
+}
+
+impl Db {
+    /// Switch appends to a new journal and fold the previous one into the
+    /// database. Returns an error message for the warnings.
+    fn fold(&self) -> Result<(), String> {
+        let mut unfolded = lock(&self.folding);
+        while let Some(&n) = unfolded.first() {
+            self.fold_file(n)?;
+            unfolded.remove(0);
+        }
+        let current = {
+            let journal = self
+                .journal
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            journal.0
+        };
+        let path = journal_path(&self.dir, current);
+        let empty = std::fs::metadata(&path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true);
+        if empty {
+            return Ok(());
+        }
+        let next = open_journal(&self.dir, current + 1).map_err(|e| {
+            format!(
+                "cannot create journal {}: {e}",
+                journal_path(&self.dir, current + 1).display()
+            )
+        })?;
+        {
+            let mut journal = self
+                .journal
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *journal = (current + 1, next);
+        }
+        // No appender holds journal `current` any more: fold it.
+        unfolded.push(current);
+        self.fold_file(current)?;
+        unfolded.pop();
+        Ok(())
+    }
+
+    /// Add journal `n` to the table (recording it as folded), then delete it.
+    fn fold_file(&self, n: u64) -> Result<(), String> {
+        let path = journal_path(&self.dir, n);
+        let (sums, _bad) =
+            read_journal(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut conn = lock(&self.conn);
+        fold_into(&mut conn, n, &sums)
+            .map_err(|e| format!("cannot fold {} into {FILE_NAME}: {e}", path.display()))?;
+        drop(conn);
+        // Folded: a leftover file would only be deleted at the next start.
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn spawn_folder(db: &Arc<Db>, warnings: Arc<Mutex<Warnings>>) -> Result<(), String> {
+    let weak = Arc::downgrade(db);
+    std::thread::Builder::new()
+        .name("quota-fold".into())
+        .spawn(move || loop {
+            std::thread::sleep(FOLD_EVERY);
+            let Some(db) = weak.upgrade() else { return };
+            if db.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = db.fold() {
+                push_warning(
+                    &warnings,
+                    format!("quota store: {e}; the journal is kept and retried every second"),
+                );
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 impl QuotaStore {
-    /// Open (creating if needed) `dir/quota.sqlite3` and load every counter.
-    /// The error names the path and says what to fix.
+    /// Open (creating if needed) the store in `dir`: load the table, replay
+    /// journals not yet folded, start the fold thread. The error names the
+    /// path and says what to fix.
     pub(crate) fn open(dir: &Path) -> Result<QuotaStore, String> {
         std::fs::create_dir_all(dir).map_err(|e| {
             format!(
@@ -124,8 +298,7 @@ impl QuotaStore {
                 path.display()
             )
         };
-        let conn = Connection::open(&path).map_err(fail)?;
-        // A busy lock (another process, a backup) is waited for briefly, not forever.
+        let mut conn = Connection::open(&path).map_err(fail)?;
         conn.busy_timeout(Duration::from_millis(250))
             .map_err(fail)?;
         let mode: String = conn
@@ -139,10 +312,6 @@ impl QuotaStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(fail)?;
-        // Checkpoints (copying the WAL into the database, with an fsync) run on
-        // a background thread, never inside a request's commit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(fail)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS usage (
                  id TEXT PRIMARY KEY,
@@ -150,28 +319,71 @@ impl QuotaStore {
                  updated_at INTEGER,
                  user TEXT
              );
-             BEGIN IMMEDIATE; COMMIT;",
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(fail)?;
         add_user_column(&conn).map_err(fail)?;
-        let used = load(&conn).map_err(fail)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        spawn_checkpointer(&path, stop.clone()).map_err(|e| {
+        let folded: u64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'folded_journal'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|v| u64::try_from(v).unwrap_or(0))
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(0),
+                e => Err(fail(e)),
+            })?;
+        let warnings = Arc::new(Mutex::new(Warnings::default()));
+        let journals = journal_files(dir).map_err(|e| {
             format!(
-                "cannot start the quota store's checkpoint thread for {}: {e}",
-                path.display()
+                "cannot list the quota store directory {}: {e}",
+                dir.display()
             )
         })?;
+        let mut last = folded;
+        for (n, journal) in &journals {
+            last = last.max(*n);
+            if *n > folded {
+                let (sums, bad) = read_journal(journal).map_err(|e| {
+                    format!("cannot read the quota journal {}: {e}", journal.display())
+                })?;
+                if bad > 0 {
+                    push_warning(
+                        &warnings,
+                        format!("quota store: {bad} unreadable line(s) in {} skipped (a write cut by a crash)", journal.display()),
+                    );
+                }
+                fold_into(&mut conn, *n, &sums).map_err(fail)?;
+            }
+            std::fs::remove_file(journal).map_err(|e| {
+                format!(
+                    "cannot remove the folded quota journal {}: {e}",
+                    journal.display()
+                )
+            })?;
+        }
+        let used = load(&conn).map_err(fail)?;
+        let current = last + 1;
+        let journal = open_journal(dir, current).map_err(|e| {
+            format!(
+                "cannot create the quota journal {}: {e}; give the gateway write access (limits.data_dir)",
+                journal_path(dir, current).display()
+            )
+        })?;
+        let db = Arc::new(Db {
+            dir: dir.to_path_buf(),
+            conn: Mutex::new(conn),
+            journal: RwLock::new((current, journal)),
+            folding: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        spawn_folder(&db, warnings.clone())
+            .map_err(|e| format!("cannot start the quota store's fold thread: {e}"))?;
         Ok(QuotaStore {
-            db: Some(Db {
-                path,
-                conn: Mutex::new(conn),
-                pending: Mutex::default(),
-                committing: AtomicBool::new(false),
-                stop_checkpointer: stop,
-            }),
+            db: Some(db),
             used: Mutex::new(used),
-            warnings: Mutex::default(),
+            warnings,
         })
     }
 
@@ -180,7 +392,7 @@ impl QuotaStore {
         QuotaStore {
             db: None,
             used: Mutex::default(),
-            warnings: Mutex::default(),
+            warnings: Arc::default(),
         }
     }
 
@@ -204,8 +416,8 @@ impl QuotaStore {
         all
     }
 
-    /// Add `tokens` to `id`'s total (named `user`); persisted by group
-    /// commit (see the module docs).
+    /// Add `tokens` to `id`'s total (named `user`); persistent stores append
+    /// it to the journal before returning (see the module docs).
     pub(crate) fn add(&self, id: &str, user: &str, tokens: u64) {
         if tokens == 0 {
             return;
@@ -219,68 +431,46 @@ impl QuotaStore {
             entry.used = entry.used.saturating_add(tokens);
         }
         let Some(db) = &self.db else { return };
-        {
-            let mut pending = lock(&db.pending);
-            let slot = pending
-                .entry(id.to_string())
-                .or_insert_with(|| (user.to_string(), 0));
-            slot.0.clear();
-            slot.0.push_str(user);
-            slot.1 = slot.1.saturating_add(tokens);
+        let line = Line {
+            i: id.into(),
+            t: tokens,
+            u: user.into(),
+        };
+        let mut bytes = match serde_json::to_vec(&line) {
+            Ok(b) => b,
+            Err(e) => {
+                self.warn(format!("quota store: cannot encode usage for {id}: {e}"));
+                return;
+            }
+        };
+        bytes.push(b'\n');
+        let journal = db
+            .journal
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // O_APPEND: concurrent appends land whole, one after another
+        if let Err(e) = (&journal.1).write_all(&bytes) {
+            drop(journal);
+            self.warn(format!(
+                "quota store {}: could not record {tokens} tokens for {id}: {e}; counted in memory only",
+                db.dir.display()
+            ));
         }
-        self.commit_pending(db);
     }
 
-    /// Become the committer unless one is at work, and commit until nothing
-    /// is pending.
-    fn commit_pending(&self, db: &Db) {
-        loop {
-            if db.committing.swap(true, Ordering::AcqRel) {
-                return; // the committer at work will take what we added
-            }
-            loop {
-                let batch = std::mem::take(&mut *lock(&db.pending));
-                if batch.is_empty() {
-                    break;
-                }
-                match db.add_batch(&batch) {
-                    Ok(totals) => {
-                        // The database's total also counts other writers (e.g.
-                        // a Limits from before a config reload still settling).
-                        let mut used = lock(&self.used);
-                        for (id, db_total) in totals {
-                            if let Some(entry) = used.get_mut(&id) {
-                                entry.used = entry.used.max(db_total);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let tokens: u64 = batch.values().map(|(_, t)| *t).sum();
-                        self.warn(format!(
-                            "quota store {}: could not record {tokens} tokens for {} identities: {e}; counted in memory only until the store is writable again",
-                            db.path.display(),
-                            batch.len()
-                        ));
-                    }
-                }
-            }
-            db.committing.store(false, Ordering::Release);
-            // Something may have been added between our last take and the
-            // release; if so, and nobody else took over, commit it too.
-            if lock(&db.pending).is_empty() {
-                return;
+    /// Fold the journal into the database now (tests; the thread does it every second).
+    #[cfg(test)]
+    pub(crate) fn fold_now(&self) {
+        if let Some(db) = &self.db {
+            if let Err(e) = db.fold() {
+                self.warn(e);
             }
         }
     }
 
     /// Record a problem for the gateway to log.
     pub(crate) fn warn(&self, message: String) {
-        let mut w = lock(&self.warnings);
-        if w.kept.len() >= MAX_WARNINGS {
-            w.kept.remove(0);
-            w.dropped = w.dropped.saturating_add(1);
-        }
-        w.kept.push(message);
+        push_warning(&self.warnings, message);
     }
 
     /// Warnings since the last call, oldest first.
@@ -298,38 +488,12 @@ impl QuotaStore {
     }
 }
 
-impl Db {
-    /// One transaction of UPSERTs; returns each row's new total.
-    fn add_batch(
-        &self,
-        batch: &HashMap<String, (String, u64)>,
-    ) -> rusqlite::Result<Vec<(String, u64)>> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        let mut conn = lock(&self.conn);
-        let tx = conn.transaction()?;
-        let mut totals = Vec::with_capacity(batch.len());
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO usage (id, used, updated_at, user) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET used = used + excluded.used,
-                     updated_at = excluded.updated_at, user = excluded.user
-                 RETURNING used",
-            )?;
-            for (id, (user, tokens)) in batch {
-                let tokens = i64::try_from(*tokens).unwrap_or(i64::MAX);
-                let total: Option<i64> = stmt
-                    .query_row(params![id, tokens, now, user], |row| row.get(0))
-                    .optional()?;
-                if let Some(t) = total {
-                    totals.push((id.clone(), u64::try_from(t).unwrap_or(0)));
-                }
-            }
+impl Drop for QuotaStore {
+    fn drop(&mut self) {
+        // a clean shutdown folds what is left; a crash leaves it for the replay
+        if let Some(db) = &self.db {
+            let _ = db.fold();
         }
-        tx.commit()?;
-        Ok(totals)
     }
 }
 
@@ -419,9 +583,12 @@ pub(crate) mod tests {
         let dir = TempDir::new();
         let store = QuotaStore::open(&dir.0).unwrap();
         store.add("key:bbb", "b", 4096);
-        // No destructor, no checkpoint, no close: the data is only in the WAL.
+        // No destructor, no fold into the database: the data is only in the journal.
         std::mem::forget(store);
-        assert!(dir.0.join("quota.sqlite3-wal").exists());
+        let store = QuotaStore::open(&dir.0).unwrap();
+        assert_eq!(store.used("key:bbb"), 4096);
+        // and the replayed journal was folded in: a third open agrees
+        drop(store);
         let store = QuotaStore::open(&dir.0).unwrap();
         assert_eq!(store.used("key:bbb"), 4096);
     }
@@ -509,6 +676,48 @@ pub(crate) mod tests {
         std::fs::write(bad.join(FILE_NAME), vec![b'z'; 4096]).unwrap();
         let err = QuotaStore::open(&bad).err().unwrap();
         assert!(err.contains(FILE_NAME), "{err}");
+    }
+
+    #[test]
+    fn journal_is_folded_into_the_database_and_removed() {
+        let dir = TempDir::new();
+        let store = QuotaStore::open(&dir.0).unwrap();
+        store.add("key:ddd", "d\twith\ttabs\n", 11);
+        store.add("key:ddd", "d\twith\ttabs\n", 22);
+        store.fold_now();
+        let journals = journal_files(&dir.0).unwrap();
+        assert_eq!(
+            journals.len(),
+            1,
+            "only the current journal remains: {journals:?}"
+        );
+        assert_eq!(std::fs::metadata(&journals[0].1).unwrap().len(), 0);
+        // written after the fold: in the new journal
+        store.add("key:ddd", "d", 5);
+        std::mem::forget(store);
+        let store = QuotaStore::open(&dir.0).unwrap();
+        assert_eq!(store.used("key:ddd"), 38);
+    }
+
+    #[test]
+    fn a_torn_last_journal_line_is_ignored() {
+        let dir = TempDir::new();
+        let store = QuotaStore::open(&dir.0).unwrap();
+        store.add("key:eee", "e", 9);
+        let (_, path) = journal_files(&dir.0).unwrap().pop().unwrap();
+        std::mem::forget(store);
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"i\":\"key:eee\",\"t\":10").unwrap();
+        let store = QuotaStore::open(&dir.0).unwrap();
+        assert_eq!(store.used("key:eee"), 9);
+        assert!(store
+            .take_warnings()
+            .iter()
+            .any(|w| w.contains("unreadable")));
     }
 
     #[test]
