@@ -139,8 +139,11 @@ fn open_journal(dir: &Path, n: u64) -> std::io::Result<File> {
 
 /// Sum a journal per identity. A line that does not parse (a torn write at
 /// a crash) is skipped and counted.
-fn read_journal(path: &Path) -> std::io::Result<(HashMap<String, (String, u64)>, usize)> {
-    let mut sums: HashMap<String, (String, u64)> = HashMap::new();
+/// Tokens per identity id, with the identity's latest display name.
+type Sums = HashMap<String, (String, u64)>;
+
+fn read_journal(path: &Path) -> std::io::Result<(Sums, usize)> {
+    let mut sums: Sums = HashMap::new();
     let mut bad = 0;
     for line in BufReader::new(File::open(path)?).split(b'\n') {
         let line = line?;
@@ -169,11 +172,7 @@ fn now_secs() -> i64 {
 }
 
 /// Add a journal's sums to the table and record it as folded, atomically.
-fn fold_into(
-    conn: &mut Connection,
-    n: u64,
-    sums: &HashMap<String, (String, u64)>,
-) -> rusqlite::Result<()> {
+fn fold_into(conn: &mut Connection, n: u64, sums: &Sums) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
