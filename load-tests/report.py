@@ -2,7 +2,8 @@
 """Summarise and check load-tests/bench.sh results (stdlib only).
 
   report.py summarize RUNS.jsonl META.json OUT.json   -> writes OUT.json, prints markdown
-  report.py check OUT.json [--min-gateway-ratio 0.15] [--min-gateway-over-nginx 0.4] -> exit 1 (with reasons) on failure
+  report.py check OUT.json [--min-gateway-ratio 0.15] [--min-gateway-over-nginx 0.4] [--min-auth-ratio 0.4]
+      -> exit 1 (with reasons) on failure
 
 RUNS.jsonl has one line per wrk run:
   {"target": "direct|nginx|gateway", "mode": "load|c1", "round": N,
@@ -159,11 +160,12 @@ def markdown(res):
     return "\n".join(out)
 
 
-def check(out_path, min_ratio, min_nginx_ratio):
+def check(out_path, min_ratio, min_nginx_ratio, min_auth_ratio):
     res = json.load(open(out_path))
     why = []
+    targets = res["meta"].get("targets") or TARGETS
     for mode in ("load", "c1"):
-        for t in TARGETS:
+        for t in targets:
             s = res["summary"].get(mode, {}).get(t)
             if s is None:
                 why.append(f"{mode}: no result for target {t}")
@@ -184,13 +186,20 @@ def check(out_path, min_ratio, min_nginx_ratio):
         why.append("no gateway/nginx throughput ratio")
     elif n < min_nginx_ratio:
         why.append(f"gateway throughput is {n:.3f} × nginx, below the floor {min_nginx_ratio}")
+    a = res["ratios"].get("load", {}).get("auth_over_plain_rps")
+    if "gateway-auth" in targets:
+        if a is None:
+            why.append("no (auth + limits)/plain throughput ratio")
+        elif a < min_auth_ratio:
+            why.append(f"throughput with auth + limits is {a:.3f} × without, below the floor {min_auth_ratio}")
     if why:
         print("SMOKE FAILED:")
         for w in why:
             print("  - " + w)
         return 1
+    auth = f"; auth + limits/plain {a:.3f} (floor {min_auth_ratio})" if a is not None else ""
     print(f"smoke ok: gateway/direct throughput {g:.3f} (floor {min_ratio}), "
-          f"gateway/nginx {n:.3f} (floor {min_nginx_ratio}); "
+          f"gateway/nginx {n:.3f} (floor {min_nginx_ratio}){auth}; "
           f"0 non-2xx and 0 socket errors on every target")
     return 0
 
@@ -200,12 +209,14 @@ def main(argv):
         summarize(argv[2], argv[3], argv[4])
         return 0
     if len(argv) >= 3 and argv[1] == "check":
-        floor, nginx_floor = 0.15, 0.4
+        floor, nginx_floor, auth_floor = 0.15, 0.4, 0.4
         if "--min-gateway-ratio" in argv:
             floor = float(argv[argv.index("--min-gateway-ratio") + 1])
         if "--min-gateway-over-nginx" in argv:
             nginx_floor = float(argv[argv.index("--min-gateway-over-nginx") + 1])
-        return check(argv[2], floor, nginx_floor)
+        if "--min-auth-ratio" in argv:
+            auth_floor = float(argv[argv.index("--min-auth-ratio") + 1])
+        return check(argv[2], floor, nginx_floor, auth_floor)
     print(__doc__, file=sys.stderr)
     return 2
 
