@@ -55,6 +55,24 @@ pub fn list_models(app: &AppState) -> Vec<Value> {
             out.push(entry(alias, target));
         }
     }
+    for engine in app.engines.all() {
+        let state = engine.state();
+        let port = match state {
+            crate::engines::State::Running(a) => Some(a.port()),
+            _ => None,
+        };
+        for id in std::iter::once(&engine.spec.name).chain(engine.spec.aliases.keys()) {
+            out.push(json!({
+                "id": id, "object": "model", "created": created,
+                "owned_by": "infergate", "root": engine.spec.name,
+                "status": state.label(), "managed": true, "kind": engine.spec.kind.as_str(),
+                "pool": engine.spec.name,
+                "healthy_backends": usize::from(port.is_some()),
+                "port": port, "gpu_memory_mb": engine.spec.gpu_memory_mb,
+                "request_count": engine.in_flight(),
+            }));
+        }
+    }
     let discovered = app.router.discovered();
     let mut extra: Vec<(&String, &usize)> = discovered
         .iter()
@@ -154,9 +172,34 @@ pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
             );
         }
     }
-    let (status, code) = match healthy {
-        0 => ("unhealthy", 503),
-        h if h < total => ("degraded", 200),
+    let mut engines_failed = 0;
+    for engine in app.engines.all() {
+        let state = engine.state();
+        let port = match state {
+            crate::engines::State::Running(a) => {
+                loaded += 1;
+                Some(a.port())
+            }
+            _ => None,
+        };
+        if matches!(state, crate::engines::State::Failed(_)) {
+            engines_failed += 1;
+        }
+        for id in std::iter::once(&engine.spec.name).chain(engine.spec.aliases.keys()) {
+            model_status.insert(
+                id.clone(),
+                json!({
+                    "model_id": id, "status": state.label(), "port": port,
+                    "gpu_memory_mb": engine.spec.gpu_memory_mb,
+                    "request_count": engine.in_flight(),
+                }),
+            );
+        }
+    }
+    // managed engines start on demand: a stopped one is fine, a failed one is not
+    let (status, code) = match (healthy, total) {
+        (0, t) if t > 0 => ("unhealthy", 503),
+        (h, t) if h < t || engines_failed > 0 => ("degraded", 200),
         _ => ("healthy", 200),
     };
     let gpu = app.gpu.snapshot();
@@ -184,7 +227,8 @@ pub fn ready_body(app: &AppState) -> (u16, Vec<u8>) {
         .iter()
         .map(|p| p.serving_backends().count())
         .sum::<usize>();
-    if serving > 0 || !app.config.server.ready_requires_backend {
+    // managed engines count: they start on the first request
+    if serving > 0 || !app.engines.is_empty() || !app.config.server.ready_requires_backend {
         (200, json!({"ready": true}).to_string().into_bytes())
     } else {
         let body = json!({"ready": false, "reason": "no backend has passed its health checks"});

@@ -43,6 +43,8 @@ pub enum GatewayError {
     Rejected(Box<Rejection>),
     /// A bug or a failed worker inside the gateway.
     Internal { detail: String },
+    /// A managed engine could not be made ready.
+    Engine(crate::engines::EngineError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,10 +122,23 @@ impl GatewayError {
             E::Rejected(r) => (r.status, r.error_type, r.code, r.param, r.message.clone()),
             E::Internal { detail } => (500, "server_error", "internal_error", None,
                 format!("The gateway failed to handle the request ({detail}). Retry; if it persists, tell the operator.")),
+            E::Engine(e) => {
+                use crate::engines::EngineError as X;
+                let code = match e {
+                    X::Failed { .. } => "engine_failed",
+                    X::Timeout { .. } => "engine_start_timeout",
+                    X::NoGpuMemory { .. } => "insufficient_gpu_memory",
+                    X::Unloading { .. } => "engine_unloading",
+                };
+                (503, "service_unavailable", code, None, e.message())
+            }
         };
         let retry_after = match self {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } => Some(1),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
+            E::Engine(crate::engines::EngineError::Failed { .. }) => None,
+            E::Engine(crate::engines::EngineError::NoGpuMemory { .. }) => Some(10),
+            E::Engine(_) => Some(2),
             _ => None,
         };
         let headers = match self {

@@ -24,6 +24,7 @@ pub mod access_log;
 pub mod body;
 pub mod catalog;
 pub mod config;
+pub mod engines;
 pub mod errors;
 pub mod gpu;
 pub mod health;

@@ -306,6 +306,12 @@ impl Metrics {
                 self.model_loaded.with_label_values(&[model]).set(loaded);
             }
         }
+        for engine in app.engines.all() {
+            let running = i64::from(matches!(engine.state(), crate::engines::State::Running(_)));
+            for id in std::iter::once(&engine.spec.name).chain(engine.spec.aliases.keys()) {
+                self.model_loaded.with_label_values(&[id]).set(running);
+            }
+        }
     }
 }
 

@@ -104,6 +104,14 @@ pub fn run(mut config: Config) -> Result<(), String> {
         proxy.add_tcp(&side.to_string());
     }
     server.add_service(proxy);
+    if !app.engines.is_empty() {
+        server.add_service(background_service(
+            "engine manager",
+            crate::engines::EngineService {
+                engines: app.engines.clone(),
+            },
+        ));
+    }
     server.add_service(background_service("pool supervisor", Supervisor { app }));
     // the main listener's line first: scripts read the first line
     let mut announce = vec![(listen, "")];

@@ -2,6 +2,7 @@
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
+use crate::engines::Engines;
 use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::model_stats::ModelStats;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub access_log: AccessLog,
     pub models: ModelStats,
     pub gpu: Arc<GpuMonitor>,
+    /// Engine processes infergate manages (none without `engines:`).
+    pub engines: Arc<Engines>,
 }
 
 impl AppState {
@@ -39,11 +42,19 @@ impl AppState {
         let chain = built.chain;
         let auth = built.auth;
         let limits = built.limits;
-        let names: Vec<String> = config
-            .pools
-            .iter()
-            .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
-            .collect();
+        let names: Vec<String> =
+            config
+                .pools
+                .iter()
+                .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
+                .chain(
+                    config.engines.models.iter().flat_map(|m| {
+                        std::iter::once(m.name.clone()).chain(m.aliases.keys().cloned())
+                    }),
+                )
+                .collect();
+        let gpu = GpuMonitor::start();
+        let engines = Arc::new(Engines::new(config.engines.clone(), gpu.clone()));
         let metrics = Metrics::new(names.iter().cloned().collect())
             .map_err(|e| format!("cannot set up metrics: {e}"))?;
         let access_log = AccessLog::start(config.access_log.clone())
@@ -59,7 +70,8 @@ impl AppState {
             metrics,
             access_log,
             models: ModelStats::new(names),
-            gpu: GpuMonitor::start(),
+            engines,
+            gpu,
         }))
     }
 }

@@ -19,6 +19,7 @@ const SECTIONS: &[&str] = &[
     "pools",
     "filters",
     "access_log",
+    "engines",
 ];
 
 /// Read and validate a config file.
@@ -66,6 +67,8 @@ pub fn parse_str(text: &str) -> Result<Config, Vec<ConfigError>> {
         upstream: section::<RawUpstream>(&map, "upstream", &mut errors).unwrap_or_default(),
         routing: section::<RawRouting>(&map, "routing", &mut errors).unwrap_or_default(),
         access_log: section::<RawAccessLog>(&map, "access_log", &mut errors).unwrap_or_default(),
+        engines: section::<crate::engines::config::RawEngines>(&map, "engines", &mut errors)
+            .unwrap_or_default(),
         pools: list::<RawPool>(&map, "pools", &mut errors),
         filters: if map.contains_key("filters") {
             list::<FilterConfig>(&map, "filters", &mut errors)

@@ -5,7 +5,7 @@
 //! `infergate --check` tells an operator everything to fix in one pass.
 //! An invalid file never produces a `Config`.
 
-mod duration;
+pub(crate) mod duration;
 mod load;
 mod raw;
 mod validate;
@@ -46,6 +46,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub pools: Vec<PoolConfig>,
     pub filters: Vec<FilterConfig>,
+    /// Engine processes infergate manages.
+    pub engines: crate::engines::config::EnginesConfig,
 }
 
 #[derive(Debug, Clone)]

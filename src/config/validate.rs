@@ -22,6 +22,7 @@ const MAX_WEIGHT: usize = 1000;
 
 pub struct RawConfig {
     pub access_log: RawAccessLog,
+    pub engines: crate::engines::config::RawEngines,
     pub server: RawServer,
     pub timeouts: RawTimeouts,
     pub upstream: RawUpstream,
@@ -70,8 +71,24 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         .enumerate()
         .filter_map(|(i, p)| p.map(|p| validate_pool(i, p, &mut errs)))
         .collect();
-    if pools.is_empty() && errs.0.is_empty() {
-        errs.push("pools", "at least one pool is required");
+    let engines = crate::engines::config::validate(raw.engines, &mut |path, message| {
+        errs.push(path, message)
+    });
+    if pools.is_empty() && engines.models.is_empty() && errs.0.is_empty() {
+        errs.push("pools", "at least one pool (or managed engine) is required");
+    }
+    for (i, model) in engines.models.iter().enumerate() {
+        for name in std::iter::once(&model.name).chain(model.aliases.keys()) {
+            if let Some(p) = pools
+                .iter()
+                .position(|p| p.models.contains(name) || p.aliases.contains_key(name))
+            {
+                errs.push(
+                    format!("engines.models[{i}].name"),
+                    format!("`{name}` is already served by pools[{p}]; a model name belongs to one place"),
+                );
+            }
+        }
     }
     check_names(&pools, &mut errs);
     let routing = RoutingConfig {
@@ -98,6 +115,7 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         routing,
         pools,
         filters: validate_filters(raw.filters, &mut errs),
+        engines,
     }
 }
 

@@ -130,6 +130,65 @@ pub async fn reload_keys(
     }
 }
 
+fn unknown_engine(id: &str) -> GatewayError {
+    GatewayError::rejected(Rejection {
+        param: Some("model_id"),
+        ..Rejection::new(
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "No managed engine serves `{}`; GET /admin/engines lists them.",
+                id.chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect::<String>()
+            ),
+        )
+    })
+}
+
+/// `POST /admin/models/{id}/load` → `{"success":true,"model_id","port","status":"running"}`
+/// once the engine is ready (seed 000).
+pub async fn load_model(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    id: &str,
+) -> Result<(), GatewayError> {
+    let Some(engine) = app.engines.find(id).cloned() else {
+        return Err(unknown_engine(id));
+    };
+    let address = app
+        .engines
+        .load(&engine)
+        .await
+        .map_err(GatewayError::Engine)?;
+    let body = json!({
+        "success": true,
+        "model_id": engine.spec.name,
+        "port": address.port(),
+        "status": "running",
+    });
+    write(session, ctx, 200, body.to_string().into_bytes()).await
+}
+
+/// `POST /admin/models/{id}/unload` → `{"success":true,"model_id"}` once the
+/// engine has stopped (in-flight requests finish first, up to the grace).
+pub async fn unload_model(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    id: &str,
+) -> Result<(), GatewayError> {
+    let Some(engine) = app.engines.find(id).cloned() else {
+        return Err(unknown_engine(id));
+    };
+    app.engines.unload(&engine).await;
+    let body = json!({"success": true, "model_id": engine.spec.name});
+    write(session, ctx, 200, body.to_string().into_bytes()).await
+}
+
 /// `GET /admin/usage`: every principal's limits state and quota.
 pub fn usage_body(app: &AppState) -> Vec<u8> {
     let data = match &app.limits {

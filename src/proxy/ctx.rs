@@ -49,6 +49,8 @@ pub struct RequestCtx {
     pub counted_active: bool,
     /// Counts this request in its model's status counters while it runs.
     pub model_use: Option<ModelGuard>,
+    /// Holds a managed engine busy (no idle unload, no eviction) while it runs.
+    pub engine_use: Option<crate::engines::EngineUse>,
 }
 
 impl RequestCtx {
@@ -80,6 +82,7 @@ impl RequestCtx {
             limited: None,
             counted_active: false,
             model_use: None,
+            engine_use: None,
         }
     }
 

@@ -28,6 +28,12 @@ pub enum Endpoint {
     AdminUsage,
     /// `GET /metrics`: Prometheus exposition.
     Metrics,
+    /// `POST /admin/models/{id}/load`: start a managed engine (seed 000).
+    AdminModelLoad(String),
+    /// `POST /admin/models/{id}/unload`: stop a managed engine (seed 000).
+    AdminModelUnload(String),
+    /// `GET /admin/engines`: every managed engine's state.
+    AdminEngines,
 }
 
 impl Endpoint {
@@ -47,6 +53,9 @@ impl Endpoint {
             Endpoint::AdminReloadKeys => "admin_reload_keys",
             Endpoint::AdminUsage => "admin_usage",
             Endpoint::Metrics => "metrics",
+            Endpoint::AdminModelLoad(_) => "admin_model_load",
+            Endpoint::AdminModelUnload(_) => "admin_model_unload",
+            Endpoint::AdminEngines => "admin_engines",
         }
     }
 
@@ -58,7 +67,11 @@ impl Endpoint {
             | Endpoint::GetModel(_)
             | Endpoint::OtherV1 => Access::Api,
             Endpoint::Login => Access::Login,
-            Endpoint::AdminReloadKeys | Endpoint::AdminUsage => Access::Admin,
+            Endpoint::AdminReloadKeys
+            | Endpoint::AdminUsage
+            | Endpoint::AdminModelLoad(_)
+            | Endpoint::AdminModelUnload(_)
+            | Endpoint::AdminEngines => Access::Admin,
             Endpoint::GatewayHealth
             | Endpoint::Live
             | Endpoint::Ready
@@ -117,6 +130,7 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
         "/stats" => return get_only(Endpoint::Stats),
         "/admin/usage" => return get_only(Endpoint::AdminUsage),
         "/metrics" => return get_only(Endpoint::Metrics),
+        "/admin/engines" => return get_only(Endpoint::AdminEngines),
         "/user/user_login" => {
             return match method {
                 "POST" => Ok(Endpoint::Login),
@@ -130,6 +144,21 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
             }
         }
         _ => {}
+    }
+    if let Some(rest) = trimmed.strip_prefix("/admin/models/") {
+        let action = rest
+            .strip_suffix("/load")
+            .map(|id| Endpoint::AdminModelLoad(percent_decode(id)))
+            .or_else(|| {
+                rest.strip_suffix("/unload")
+                    .map(|id| Endpoint::AdminModelUnload(percent_decode(id)))
+            });
+        if let Some(endpoint) = action {
+            return match method {
+                "POST" => Ok(endpoint),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            };
+        }
     }
     for prefix in ["/v1/models/", "/models/"] {
         if let Some(id) = trimmed.strip_prefix(prefix) {

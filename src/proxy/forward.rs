@@ -78,6 +78,63 @@ pub async fn forward(
     Ok(())
 }
 
+/// Forward `body` to one engine at `address` (a managed engine: no pool,
+/// no failover — it is the only process serving the model).
+pub async fn forward_direct(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    address: SocketAddr,
+    body: Bytes,
+) -> Result<(), GatewayError> {
+    let request = upstream_request(session.req_header(), body.len())?;
+    let peer = make_peer(app, address);
+    ctx.backend = Some(address);
+    let mut stale_retries = 0;
+    let mut upstream = loop {
+        let (mut upstream, reused) = match app.connector.get_http_session(&peer).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                log::warn!(
+                    "request {}: connect to engine {address} failed: {e}",
+                    ctx.request_id()
+                );
+                return Err(GatewayError::ConnectFailed {
+                    pool: ctx.pool.clone().unwrap_or_default(),
+                    attempts: 1,
+                });
+            }
+        };
+        let mut req = request.clone();
+        let _ = req.insert_header("host", address.to_string());
+        match write_request(&mut upstream, req, &body).await {
+            Ok(()) => {
+                ctx.sent_at = Some(Instant::now());
+                break upstream;
+            }
+            Err(e) if reused && stale_retries < 2 => {
+                log::debug!("stale pooled connection to {address}: {e}; retrying on a new one");
+                stale_retries += 1;
+            }
+            Err(e) => {
+                return Err(GatewayError::UpstreamFailed {
+                    detail: format!("sending the request failed ({})", e.etype().as_str()),
+                })
+            }
+        }
+    };
+    relay_response(app, session, ctx, &mut upstream).await?;
+    if ctx.client_gone {
+        return Ok(());
+    }
+    if upstream.is_body_done() {
+        app.connector
+            .release_http_session(upstream, &peer, Some(app.config.upstream.keepalive_idle))
+            .await;
+    }
+    Ok(())
+}
+
 fn upstream_request(
     client: &RequestHeader,
     body_len: usize,

@@ -373,6 +373,12 @@ async fn route_and_forward(
         Endpoint::Services => answer(session, ctx, 200, catalog::services_body(app)).await,
         Endpoint::Stats => answer(session, ctx, 200, catalog::stats_body(app)).await,
         Endpoint::Login => admin::login(app, session, ctx, ip).await,
+        Endpoint::AdminModelLoad(id) => admin::load_model(app, session, ctx, &id).await,
+        Endpoint::AdminModelUnload(id) => admin::unload_model(app, session, ctx, &id).await,
+        Endpoint::AdminEngines => {
+            let body = serde_json::json!({"object": "list", "data": app.engines.status()});
+            answer(session, ctx, 200, body.to_string().into_bytes()).await
+        }
         Endpoint::AdminReloadKeys => admin::reload_keys(app, session, ctx).await,
         Endpoint::AdminUsage => {
             let body = admin::usage_body(app);
@@ -434,6 +440,12 @@ fn prompt_estimate(body_len: usize) -> u64 {
     (body_len as u64).div_ceil(4)
 }
 
+/// Where a request goes: a pool of backends, or a managed engine.
+enum Target {
+    Pool(Arc<crate::routing::Pool>),
+    Engine(Arc<crate::engines::Engine>),
+}
+
 async fn proxy_to_model(
     app: &AppState,
     session: &mut Session,
@@ -443,20 +455,30 @@ async fn proxy_to_model(
     info: Option<&BodyInfo>,
 ) -> Result<(), GatewayError> {
     let identity = ctx.filters.identity.clone();
-    let (pool_index, mut edits) = match &field {
+    let (target, mut edits) = match &field {
         Some(field) => {
-            let route =
-                app.router
-                    .resolve_pool(&field.name)
-                    .ok_or_else(|| GatewayError::UnknownModel {
-                        model: field.name.clone(),
+            let (target, served) = match app.engines.find(&field.name) {
+                Some(engine) => {
+                    let served = (engine.spec.name != field.name).then(|| engine.spec.name.clone());
+                    (Target::Engine(engine.clone()), served)
+                }
+                None => {
+                    let route = app.router.resolve_pool(&field.name).ok_or_else(|| {
+                        GatewayError::UnknownModel {
+                            model: field.name.clone(),
+                        }
                     })?;
+                    let pool = app
+                        .router
+                        .pool(route.pool)
+                        .ok_or(GatewayError::MissingModel)?
+                        .clone();
+                    (Target::Pool(pool), route.rewrite_to.clone())
+                }
+            };
             if let Some(identity) = &identity {
                 let allowed = identity.may_use(&field.name)
-                    || route
-                        .rewrite_to
-                        .as_deref()
-                        .is_some_and(|s| identity.may_use(s));
+                    || served.as_deref().is_some_and(|s| identity.may_use(s));
                 if !allowed {
                     // the same answer as a model that does not exist
                     return Err(GatewayError::UnknownModel {
@@ -464,26 +486,31 @@ async fn proxy_to_model(
                     });
                 }
             }
-            let edits = match &route.rewrite_to {
+            let edits = match &served {
                 Some(served) => vec![model_edit(field, served)],
                 None => Vec::new(),
             };
             ctx.model = Some(field.name.clone());
-            (route.pool, edits)
+            (target, edits)
         }
-        None => (
-            app.router
+        None => {
+            let index = app
+                .router
                 .default_pool()
-                .ok_or(GatewayError::MissingModel)?,
-            Vec::new(),
-        ),
+                .ok_or(GatewayError::MissingModel)?;
+            let pool = app
+                .router
+                .pool(index)
+                .ok_or(GatewayError::MissingModel)?
+                .clone();
+            (Target::Pool(pool), Vec::new())
+        }
     };
-    let pool = app
-        .router
-        .pool(pool_index)
-        .ok_or(GatewayError::MissingModel)?
-        .clone();
-    ctx.pool = Some(pool.name().to_string());
+    let (pool_name, inject_usage) = match &target {
+        Target::Pool(pool) => (pool.name().to_string(), pool.config.inject_stream_usage),
+        Target::Engine(engine) => (engine.spec.name.clone(), true),
+    };
+    ctx.pool = Some(pool_name);
     ctx.proxied = true;
     ctx.prompt_estimate = prompt_estimate(body.len());
     app.chain
@@ -498,7 +525,7 @@ async fn proxy_to_model(
         .map_err(GatewayError::rejected)?;
     if let Some(info) = info {
         ctx.stream = info.stream;
-        if pool.config.inject_stream_usage {
+        if inject_usage {
             if let Some(edit) = include_usage_edit(&body, info) {
                 edits.push(edit);
                 ctx.injected_usage = true;
@@ -513,5 +540,17 @@ async fn proxy_to_model(
     if let Some(model) = &ctx.model {
         ctx.model_use = app.models.begin(model);
     }
-    forward::forward(app, session, ctx, &pool, body).await
+    match target {
+        Target::Pool(pool) => forward::forward(app, session, ctx, &pool, body).await,
+        Target::Engine(engine) => {
+            // the first request to a stopped engine starts it and waits
+            let (address, engine_use) = app
+                .engines
+                .acquire(&engine)
+                .await
+                .map_err(GatewayError::Engine)?;
+            ctx.engine_use = Some(engine_use);
+            forward::forward_direct(app, session, ctx, address, body).await
+        }
+    }
 }

@@ -1,0 +1,763 @@
+//! Managed engines: processes infergate starts on the first request (or at
+//! start with `preload`), watches, restarts after a crash, unloads when idle
+//! or when GPU memory is needed, and stops on exit.
+//!
+//! States: `stopped` → `starting` (process spawned, readiness probe not yet
+//! passed) → `running` (routable) → `draining` (no new requests; in-flight
+//! ones finish) → `stopping` (SIGTERM, then SIGKILL to the process group) →
+//! `stopped`; a crash while running restarts with backoff, and after
+//! `max_restarts` consecutive failures the engine is `failed` until an admin
+//! `load` resets it. Concurrent first requests share one start.
+
+pub mod config;
+mod logfile;
+mod process;
+
+use self::config::{EnginesConfig, GpuSource, ManagedModel};
+use self::process::{EngineProcess, SpawnSpec};
+use crate::gpu::GpuMonitor;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Where an engine is in its life, as `/admin/engines` and `/v1/models` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Stopped,
+    Starting,
+    Running(SocketAddr),
+    Draining,
+    Stopping,
+    Failed(String),
+    /// The last start could not get GPU memory; the next request tries again.
+    Unavailable(String),
+}
+
+impl State {
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::Stopped => "stopped",
+            State::Starting => "starting",
+            State::Running(_) => "running",
+            State::Draining => "draining",
+            State::Stopping => "stopping",
+            State::Failed(_) => "failed",
+            State::Unavailable(_) => "stopped",
+        }
+    }
+}
+
+/// Why a request could not get a running engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineError {
+    /// The engine failed to start or crashed too often.
+    Failed { model: String, reason: String },
+    /// Not ready within the start timeout.
+    Timeout { model: String, waited: Duration },
+    /// Not enough GPU memory, and nothing idle to unload.
+    NoGpuMemory { model: String, detail: String },
+    /// It is being unloaded.
+    Unloading { model: String },
+}
+
+impl EngineError {
+    pub fn message(&self) -> String {
+        match self {
+            EngineError::Failed { model, reason } => format!(
+                "The engine for `{model}` could not be started: {reason}. An operator can retry with POST /admin/models/{model}/load."
+            ),
+            EngineError::Timeout { model, waited } => format!(
+                "The engine for `{model}` did not become ready within {} s. Retry shortly.",
+                waited.as_secs()
+            ),
+            EngineError::NoGpuMemory { model, detail } => format!(
+                "Not enough GPU memory to load `{model}`: {detail}. Retry later or unload a model."
+            ),
+            EngineError::Unloading { model } => {
+                format!("The engine for `{model}` is being unloaded. Retry shortly.")
+            }
+        }
+    }
+}
+
+/// Counts a request against an engine (idle time, eviction) while it runs.
+pub struct EngineUse(Arc<Engine>);
+
+impl Drop for EngineUse {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+    }
+}
+
+pub struct Engine {
+    pub spec: ManagedModel,
+    state: watch::Sender<State>,
+    /// It passed GPU admission and holds its declared memory until stopped.
+    admitted: std::sync::atomic::AtomicBool,
+    in_flight: AtomicU64,
+    /// Unix milliseconds of the last request start or end.
+    last_used_ms: AtomicU64,
+    /// Consecutive failed starts / crashes since the last successful start.
+    failures: AtomicU32,
+    /// Total restarts after crashes.
+    restarts: AtomicU32,
+    started: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+    pid: AtomicU32,
+    port: Mutex<Option<u16>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Engine {
+    fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> State {
+        self.state.borrow().clone()
+    }
+
+    fn set(&self, state: State) {
+        self.state.send_replace(state);
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_used_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// One engine in `/admin/engines`.
+#[derive(Debug, Serialize)]
+pub struct EngineStatus {
+    pub model_id: String,
+    pub kind: &'static str,
+    pub status: &'static str,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub uptime_seconds: Option<u64>,
+    pub restarts: u32,
+    pub in_flight: u64,
+    pub idle_seconds: u64,
+    pub gpus: Vec<u32>,
+    pub gpu_memory_mb: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct Engines {
+    pub config: EnginesConfig,
+    engines: Vec<Arc<Engine>>,
+    free_ports: Mutex<BTreeSet<u16>>,
+    gpu: Arc<GpuMonitor>,
+    /// Serializes GPU admission so two starts do not count the same free memory.
+    admission: tokio::sync::Mutex<()>,
+}
+
+impl Engines {
+    pub fn new(config: EnginesConfig, gpu: Arc<GpuMonitor>) -> Engines {
+        let engines = config
+            .models
+            .iter()
+            .map(|spec| {
+                Arc::new(Engine {
+                    spec: spec.clone(),
+                    state: watch::Sender::new(State::Stopped),
+                    admitted: std::sync::atomic::AtomicBool::new(false),
+                    in_flight: AtomicU64::new(0),
+                    last_used_ms: AtomicU64::new(now_ms()),
+                    failures: AtomicU32::new(0),
+                    restarts: AtomicU32::new(0),
+                    started: Mutex::new(None),
+                    last_error: Mutex::new(None),
+                    pid: AtomicU32::new(0),
+                    port: Mutex::new(None),
+                })
+            })
+            .collect();
+        let (lo, hi) = config.ports;
+        Engines {
+            free_ports: Mutex::new((lo..=hi).collect()),
+            engines,
+            config,
+            gpu,
+            admission: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.engines.is_empty()
+    }
+
+    /// The engine serving `model` (its name or an alias), and the name it serves.
+    pub fn find(&self, model: &str) -> Option<&Arc<Engine>> {
+        self.engines
+            .iter()
+            .find(|e| e.spec.name == model || e.spec.aliases.contains_key(model))
+    }
+
+    pub fn all(&self) -> &[Arc<Engine>] {
+        &self.engines
+    }
+
+    /// A running engine's address for one request, starting it if needed
+    /// (requests arriving meanwhile wait for the same start).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+    ) -> Result<(SocketAddr, EngineUse), EngineError> {
+        let name = engine.spec.name.clone();
+        let deadline = Instant::now() + engine.spec.startup_timeout + Duration::from_secs(5);
+        let mut rx = engine.state.subscribe();
+        let mut first = true;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                State::Running(addr) => {
+                    engine.in_flight.fetch_add(1, Ordering::AcqRel);
+                    engine.touch();
+                    // it may have started draining between the read and the count
+                    if matches!(engine.state(), State::Running(_)) {
+                        return Ok((addr, EngineUse(engine.clone())));
+                    }
+                    drop(EngineUse(engine.clone()));
+                    continue;
+                }
+                State::Stopped => self.clone().start_in_background(engine.clone()),
+                // a new request retries a start that found no memory; one that
+                // waited for that start gets its answer
+                State::Unavailable(_) if first => self.clone().start_in_background(engine.clone()),
+                State::Unavailable(detail) => {
+                    return Err(EngineError::NoGpuMemory {
+                        model: name,
+                        detail,
+                    })
+                }
+                State::Failed(reason) => {
+                    return Err(EngineError::Failed {
+                        model: name,
+                        reason,
+                    })
+                }
+                State::Draining | State::Stopping => {
+                    return Err(EngineError::Unloading { model: name })
+                }
+                State::Starting => {}
+            }
+            first = false;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err() {
+                return Err(EngineError::Timeout {
+                    model: name,
+                    waited: engine.spec.startup_timeout,
+                });
+            }
+        }
+    }
+
+    /// Start unless already on its way (the state flips under the watch lock,
+    /// so exactly one caller wins).
+    fn start_in_background(self: Arc<Self>, engine: Arc<Engine>) {
+        let won = engine.state.send_if_modified(|s| {
+            if matches!(s, State::Stopped | State::Unavailable(_)) {
+                *s = State::Starting;
+                true
+            } else {
+                false
+            }
+        });
+        if won {
+            tokio::spawn(async move { self.run(engine).await });
+        }
+    }
+
+    /// Admin load: reset a failed engine and start it; wait until running.
+    pub async fn load(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<SocketAddr, EngineError> {
+        engine.state.send_if_modified(|s| {
+            if matches!(s, State::Failed(_)) {
+                *s = State::Stopped;
+                true
+            } else {
+                false
+            }
+        });
+        engine.failures.store(0, Ordering::Relaxed);
+        let (addr, _use) = self.acquire(engine).await?;
+        Ok(addr)
+    }
+
+    /// Free GPU memory check; unloads idle engines (least recently used
+    /// first, never one with requests in flight) until `engine` fits.
+    async fn admit_gpu(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<(), EngineError> {
+        let need = engine.spec.gpu_memory_mb;
+        if need == 0 || engine.spec.gpus.is_empty() {
+            return Ok(());
+        }
+        // one admission at a time: two starts never count the same free memory
+        let _one = self.admission.lock().await;
+        loop {
+            let short = self.shortfall(engine);
+            let Some((gpu, free)) = short else {
+                engine.admitted.store(true, Ordering::Release);
+                return Ok(());
+            };
+            let mut candidates: Vec<&Arc<Engine>> = self
+                .engines
+                .iter()
+                .filter(|e| {
+                    !Arc::ptr_eq(e, engine)
+                        && matches!(e.state(), State::Running(_))
+                        && e.in_flight() == 0
+                        && e.spec.gpus.contains(&gpu)
+                        && e.spec.gpu_memory_mb > 0
+                })
+                .collect();
+            candidates.sort_by_key(|e| e.last_used_ms.load(Ordering::Relaxed));
+            let Some(victim) = candidates.first() else {
+                return Err(EngineError::NoGpuMemory {
+                    model: engine.spec.name.clone(),
+                    detail: format!(
+                        "GPU {gpu} needs {need} MB but has {free} MB free, and no idle model on it can be unloaded"
+                    ),
+                });
+            };
+            log::info!(
+                "unloading idle `{}` (LRU) to free {} MB on GPU {gpu} for `{}`",
+                victim.spec.name,
+                victim.spec.gpu_memory_mb,
+                engine.spec.name
+            );
+            self.unload(victim).await;
+        }
+    }
+
+    /// The first GPU of `engine` without room for it: (gpu, free MB).
+    fn shortfall(&self, engine: &Engine) -> Option<(u32, u64)> {
+        let need = engine.spec.gpu_memory_mb;
+        for &gpu in &engine.spec.gpus {
+            let free = match &self.config.gpu {
+                GpuSource::None => continue,
+                GpuSource::Fake(gpus) => {
+                    let total = gpus.iter().find(|g| g.id == gpu).map_or(0, |g| g.memory_mb);
+                    total.saturating_sub(self.declared_use(gpu, engine))
+                }
+                GpuSource::Nvml => {
+                    let snapshot = self.gpu.snapshot();
+                    let Some(info) = snapshot.gpus.iter().find(|g| g.id == gpu) else {
+                        continue; // nothing known: do not block
+                    };
+                    // engines still starting have not allocated yet
+                    let pending: u64 = self
+                        .engines
+                        .iter()
+                        .filter(|e| {
+                            !std::ptr::eq(e.as_ref(), engine)
+                                && e.admitted.load(Ordering::Acquire)
+                                && !matches!(e.state(), State::Running(_))
+                                && e.spec.gpus.contains(&gpu)
+                        })
+                        .map(|e| e.spec.gpu_memory_mb)
+                        .sum();
+                    info.memory.free_mb.saturating_sub(pending)
+                }
+            };
+            if free < need {
+                return Some((gpu, free));
+            }
+        }
+        None
+    }
+
+    /// Declared memory of the other engines that hold `gpu`.
+    fn declared_use(&self, gpu: u32, except: &Engine) -> u64 {
+        self.engines
+            .iter()
+            .filter(|e| {
+                !std::ptr::eq(e.as_ref(), except)
+                    && e.admitted.load(Ordering::Acquire)
+                    && e.spec.gpus.contains(&gpu)
+            })
+            .map(|e| e.spec.gpu_memory_mb)
+            .sum()
+    }
+
+    /// Per-engine GPU memory as declared (seed 000's `gpu_memory_mb`).
+    pub fn gpu_memory_mb(&self, engine: &Engine) -> u64 {
+        engine.spec.gpu_memory_mb
+    }
+
+    /// Start (state is already `Starting`), then supervise until stopped.
+    async fn run(self: Arc<Self>, engine: Arc<Engine>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if let Err(e) = self.admit_gpu(&engine).await {
+                let reason = e.message();
+                log::warn!("{reason}");
+                *lock(&engine.last_error) = Some(reason);
+                if let EngineError::NoGpuMemory { detail, .. } = e {
+                    engine.set(State::Unavailable(detail));
+                }
+                return;
+            }
+            let reason = match self.start_once(&engine).await {
+                Ok(mut process) => {
+                    engine.failures.store(0, Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    let ended = process.wait().await;
+                    engine.pid.store(0, Ordering::Release);
+                    self.release_port(&engine);
+                    if !matches!(engine.state(), State::Running(_)) {
+                        // stopped on purpose (unload, shutdown)
+                        engine.admitted.store(false, Ordering::Release);
+                        return;
+                    }
+                    // a crash: out of routing at once
+                    engine.set(State::Starting);
+                    engine.restarts.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!(
+                        "the engine process {ended}; last output: {}",
+                        process.log_tail(5)
+                    );
+                    log::warn!("engine `{}` crashed: {reason}", engine.spec.name);
+                    reason
+                }
+                Err(reason) => {
+                    log::warn!("engine `{}` failed to start: {reason}", engine.spec.name);
+                    self.release_port(&engine);
+                    reason
+                }
+            };
+            *lock(&engine.last_error) = Some(reason.clone());
+            let failures = engine.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures > engine.spec.max_restarts {
+                engine.admitted.store(false, Ordering::Release);
+                engine.set(State::Failed(format!(
+                    "{failures} failed starts or crashes in a row; last: {reason}"
+                )));
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            if !matches!(engine.state(), State::Starting) {
+                engine.admitted.store(false, Ordering::Release);
+                return; // unloaded meanwhile
+            }
+        }
+    }
+
+    fn take_port(&self) -> Option<u16> {
+        let mut ports = lock(&self.free_ports);
+        let port = ports.iter().next().copied()?;
+        ports.remove(&port);
+        Some(port)
+    }
+
+    fn release_port(&self, engine: &Engine) {
+        if let Some(port) = lock(&engine.port).take() {
+            lock(&self.free_ports).insert(port);
+        }
+    }
+
+    /// Spawn the process and wait for its readiness probe. On success the
+    /// engine is `Running`; the process is returned for supervision (the
+    /// mutex keeps a handle for stopping).
+    async fn start_once(&self, engine: &Arc<Engine>) -> Result<EngineProcess, String> {
+        let spec = &engine.spec;
+        let port = loop {
+            let Some(port) = self.take_port() else {
+                return Err(format!(
+                    "no free port in engines.port_range {}-{}",
+                    self.config.ports.0, self.config.ports.1
+                ));
+            };
+            // a port held by something else is skipped (and not handed out again)
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                break port;
+            }
+            log::warn!("engine port {port} is in use by another process; skipping it");
+        };
+        *lock(&engine.port) = Some(port);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let fill = |arg: &str| {
+            arg.replace("{python}", &self.config.python)
+                .replace("{path}", spec.path.as_deref().unwrap_or(""))
+                .replace("{name}", &spec.name)
+                .replace("{host}", "127.0.0.1")
+                .replace("{port}", &port.to_string())
+        };
+        let mut argv = spec.command.iter().map(|a| fill(a));
+        let program = argv.next().unwrap_or_default();
+        let mut env = spec.env.clone();
+        if !spec.gpus.is_empty() {
+            let ids: Vec<String> = spec.gpus.iter().map(u32::to_string).collect();
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), ids.join(",")));
+        }
+        let spawn = SpawnSpec {
+            program,
+            args: argv.collect(),
+            env,
+            workdir: spec.workdir.clone(),
+            log_path: self
+                .config
+                .log_dir
+                .join(format!("{}.log", sanitize(&spec.name))),
+            log_max_bytes: self.config.log_max_bytes,
+            log_max_files: self.config.log_max_files,
+        };
+        log::info!(
+            "starting engine `{}` ({}) on {addr}: {} {}",
+            spec.name,
+            spec.kind.as_str(),
+            spawn.program,
+            spawn.args.join(" ")
+        );
+        let t0 = Instant::now();
+        let mut process = EngineProcess::spawn(&spawn).await?;
+        engine.pid.store(process.pid(), Ordering::Release);
+        let deadline = t0 + spec.startup_timeout;
+        let probe_url_path = spec.health_path.clone();
+        loop {
+            if let Some(exit) = process.try_exited() {
+                let tail = process.log_tail(5);
+                engine.pid.store(0, Ordering::Relaxed);
+                return Err(format!(
+                    "the process {exit} before it was ready; last output: {tail}"
+                ));
+            }
+            if probe(addr, &probe_url_path).await {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = process.stop(self.config.stop_grace).await;
+                engine.pid.store(0, Ordering::Relaxed);
+                return Err(format!(
+                    "not ready within {} s (GET {probe_url_path} never answered 200)",
+                    spec.startup_timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        log::info!(
+            "engine `{}` ready on {addr} after {:.2} s (pid {})",
+            spec.name,
+            t0.elapsed().as_secs_f64(),
+            process.pid()
+        );
+        engine.touch();
+        let routable = engine.state.send_if_modified(|s| {
+            if matches!(s, State::Starting) {
+                *s = State::Running(addr);
+                true
+            } else {
+                false
+            }
+        });
+        if !routable {
+            // unloaded while starting
+            let how = process.stop(self.config.stop_grace).await;
+            engine.pid.store(0, Ordering::Release);
+            return Err(format!("unloaded while starting ({how})"));
+        }
+        *lock(&engine.started) = Some(Instant::now());
+        Ok(process)
+    }
+
+    /// Unload: out of routing at once, in-flight requests finish (up to
+    /// `stop_grace`), then SIGTERM → SIGKILL to the process group.
+    pub async fn unload(&self, engine: &Arc<Engine>) {
+        let mut was = State::Stopped;
+        engine.state.send_if_modified(|s| {
+            was = s.clone();
+            match s {
+                State::Running(_) => {
+                    *s = State::Draining;
+                    true
+                }
+                State::Starting => {
+                    *s = State::Stopping;
+                    true
+                }
+                State::Failed(_) | State::Unavailable(_) => {
+                    *s = State::Stopped;
+                    true
+                }
+                _ => false,
+            }
+        });
+        if !matches!(was, State::Running(_) | State::Starting) {
+            return;
+        }
+        let grace = self.config.stop_grace;
+        let deadline = Instant::now() + grace;
+        while engine.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        engine.set(State::Stopping);
+        let pid = engine.pid.load(Ordering::Acquire);
+        if pid != 0 {
+            // the supervising task reaps it and clears the pid
+            let _ = process::signal_group(pid, libc::SIGTERM);
+            if !wait_pid_cleared(engine, grace).await {
+                log::warn!(
+                    "engine `{}` (pid {pid}) ignored SIGTERM for {} s: SIGKILL",
+                    engine.spec.name,
+                    grace.as_secs()
+                );
+                let _ = process::signal_group(pid, libc::SIGKILL);
+                wait_pid_cleared(engine, Duration::from_secs(10)).await;
+            }
+        }
+        engine.admitted.store(false, Ordering::Release);
+        *lock(&engine.started) = None;
+        engine.set(State::Stopped);
+        log::info!("engine `{}` unloaded", engine.spec.name);
+    }
+
+    /// Idle TTLs, preloads; runs until shutdown, then stops every engine.
+    pub async fn supervise(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        for engine in &self.engines {
+            if engine.spec.preload {
+                self.clone().start_in_background(engine.clone());
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => break,
+            }
+            for engine in &self.engines {
+                let Some(ttl) = engine.spec.idle_ttl else {
+                    continue;
+                };
+                if matches!(engine.state(), State::Running(_))
+                    && engine.in_flight() == 0
+                    && engine.idle_for() >= ttl
+                {
+                    log::info!(
+                        "engine `{}` idle for {} s (idle_ttl {} s): unloading",
+                        engine.spec.name,
+                        engine.idle_for().as_secs(),
+                        ttl.as_secs()
+                    );
+                    self.unload(engine).await;
+                }
+            }
+        }
+        self.stop_all().await;
+    }
+
+    /// Stop every engine at once (gateway exit), unless `on_exit: leave`.
+    pub async fn stop_all(self: &Arc<Self>) {
+        if self.config.on_exit == config::OnExit::Leave {
+            log::info!("leaving engines running (engines.on_exit: leave)");
+            return;
+        }
+        let mut stops = tokio::task::JoinSet::new();
+        for engine in &self.engines {
+            let (me, engine) = (self.clone(), engine.clone());
+            stops.spawn(async move { me.unload(&engine).await });
+        }
+        while stops.join_next().await.is_some() {}
+    }
+
+    pub fn status(&self) -> Vec<EngineStatus> {
+        self.engines
+            .iter()
+            .map(|e| {
+                let state = e.state();
+                let pid = e.pid.load(Ordering::Relaxed);
+                EngineStatus {
+                    model_id: e.spec.name.clone(),
+                    kind: e.spec.kind.as_str(),
+                    status: state.label(),
+                    pid: (pid != 0).then_some(pid),
+                    port: match state {
+                        State::Running(a) => Some(a.port()),
+                        _ => *lock(&e.port),
+                    },
+                    uptime_seconds: lock(&e.started).map(|t| t.elapsed().as_secs()),
+                    restarts: e.restarts.load(Ordering::Relaxed),
+                    in_flight: e.in_flight(),
+                    idle_seconds: e.idle_for().as_secs(),
+                    gpus: e.spec.gpus.clone(),
+                    gpu_memory_mb: e.spec.gpu_memory_mb,
+                    last_error: match &state {
+                        State::Failed(r) => Some(r.clone()),
+                        _ => lock(&e.last_error).clone(),
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+/// Wait until the supervising task has reaped the process.
+async fn wait_pid_cleared(engine: &Engine, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while engine.pid.load(Ordering::Acquire) != 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// One readiness probe: `GET path` answered 200.
+async fn probe(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// The Pingora background service that preloads, unloads idle engines and
+/// stops every engine when the gateway shuts down.
+pub struct EngineService {
+    pub engines: Arc<Engines>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for EngineService {
+    async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
+        self.engines.clone().supervise(shutdown).await;
+    }
+}
