@@ -22,4 +22,4 @@ cd "$HERE"
 export PYTHONDONTWRITEBYTECODE=1
 # -p no:cacheprovider: leave no .pytest_cache in the source tree
 exec timeout 900 "$INFERGATE_RE_HOME/venv/bin/python" -m pytest -q -p no:cacheprovider \
-  test_real_engine.py test_sdk_limits.py "$@"
+  test_real_engine.py test_sdk_limits.py test_managed_engine.py "$@"
