@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup setup-test build run test unit lint check-conf real-engine smoke bench fmt clean
+.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke bench fmt clean
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
@@ -50,6 +50,11 @@ check-conf:
 ## real-engine: infergate in front of a real llama.cpp server, driven by the openai SDK
 real-engine: setup-test build
 	tests/real-engine/run.sh
+
+## e2e-vllm: OPT-IN, not part of `make test` (heavy: ~6.5 min and ~6.5 GB the first time): infergate
+## starts a real vLLM on CPU itself (kind: vllm) on the first request and serves the openai SDK through it
+e2e-vllm: build
+	tests/real-engine/vllm-run.sh
 
 ## smoke: short gateway vs direct vs nginx run with ratio checks (CI)
 smoke: setup-test build

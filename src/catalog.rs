@@ -72,6 +72,16 @@ pub fn list_models(app: &AppState) -> Vec<Value> {
                 "request_count": engine.in_flight(),
             }));
         }
+        for adapter in engine.adapters() {
+            out.push(json!({
+                "id": adapter, "object": "model", "created": created,
+                "owned_by": "infergate", "root": adapter, "parent": engine.spec.name,
+                "lora": true, "status": state.label(), "managed": true,
+                "kind": engine.spec.kind.as_str(), "pool": engine.spec.name,
+                "healthy_backends": usize::from(port.is_some()), "port": port,
+                "gpu_memory_mb": null, "request_count": null,
+            }));
+        }
     }
     let discovered = app.router.discovered();
     let mut extra: Vec<(&String, &usize)> = discovered

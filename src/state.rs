@@ -42,17 +42,16 @@ impl AppState {
         let chain = built.chain;
         let auth = built.auth;
         let limits = built.limits;
-        let names: Vec<String> =
-            config
-                .pools
-                .iter()
-                .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
-                .chain(
-                    config.engines.models.iter().flat_map(|m| {
-                        std::iter::once(m.name.clone()).chain(m.aliases.keys().cloned())
-                    }),
-                )
-                .collect();
+        let names: Vec<String> = config
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
+            .chain(config.engines.models.iter().flat_map(|m| {
+                std::iter::once(m.name.clone())
+                    .chain(m.aliases.keys().cloned())
+                    .chain(m.lora.iter().map(|(n, _)| n.clone()))
+            }))
+            .collect();
         let gpu = GpuMonitor::start();
         let engines = Arc::new(Engines::new(config.engines.clone(), gpu.clone()));
         let metrics = Metrics::new(names.iter().cloned().collect())

@@ -320,3 +320,77 @@ fn no_engine_process_outlives_the_gateway() {
         );
     }
 }
+
+#[test]
+fn lora_adapters_route_to_their_base_and_load_at_runtime() {
+    let s = start(
+        &[mock_model(
+            "tiny-chat",
+            "      enable_lora: true\n      lora: [{ name: sql-adapter, path: /adapters/sql }]\n",
+            "",
+        )],
+        "",
+    );
+    let listed = get_json(&s.gw.url("/v1/models"));
+    let adapter = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "sql-adapter")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(adapter["parent"], "tiny-chat", "{listed}");
+    assert_eq!(adapter["lora"], true);
+    // a request for the adapter starts the base engine, which loads it
+    assert_eq!(chat(&s, "sql-adapter").0, 200);
+    assert_eq!(engine(&s, "tiny-chat")["status"], "running");
+    // runtime load and unload through vLLM's endpoints
+    let resp = client()
+        .post(format!("http://{}/admin/models/tiny-chat/lora", s.admin))
+        .body(r#"{"lora_name":"math","lora_path":"/adapters/math"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().unwrap();
+    assert_eq!(
+        (body["success"].as_bool(), body["lora_name"].as_str()),
+        (Some(true), Some("math"))
+    );
+    assert_eq!(chat(&s, "math").0, 200);
+    // adapters come back after a crash and restart
+    let pid = engine(&s, "tiny-chat")["pid"].as_u64().unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    wait_until(Duration::from_secs(20), "the restart", || {
+        let e = engine(&s, "tiny-chat");
+        e["status"] == "running" && e["restarts"] == 1
+    });
+    assert_eq!(
+        chat(&s, "math").0,
+        200,
+        "runtime adapter reloaded after restart"
+    );
+    assert_eq!(chat(&s, "sql-adapter").0, 200);
+    let resp = client()
+        .delete(format!(
+            "http://{}/admin/models/tiny-chat/lora/math",
+            s.admin
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, body) = chat(&s, "math");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let resp = client()
+        .delete(format!(
+            "http://{}/admin/models/tiny-chat/lora/math",
+            s.admin
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

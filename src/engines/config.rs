@@ -74,6 +74,16 @@ pub struct RawManagedModel {
     pub max_restarts: Option<u32>,
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    pub lora: Vec<RawLora>,
+    pub enable_lora: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    pub name: String,
+    pub path: String,
 }
 
 /// How infergate treats its engines when it exits.
@@ -187,6 +197,10 @@ pub struct ManagedModel {
     pub preload: bool,
     pub max_restarts: u32,
     pub aliases: BTreeMap<String, String>,
+    /// LoRA adapters loaded after every start: (name, path).
+    pub lora: Vec<(String, String)>,
+    /// The engine accepts adapters (vLLM: `--enable-lora`, runtime updates on).
+    pub enable_lora: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -318,7 +332,10 @@ pub fn validate(raw: RawEngines, err: &mut dyn FnMut(String, String)) -> Engines
         if m.name.is_empty() {
             err(at("name"), "must not be empty".into());
         }
-        for name in std::iter::once(&m.name).chain(m.aliases.keys()) {
+        for name in std::iter::once(&m.name)
+            .chain(m.aliases.keys())
+            .chain(m.lora.iter().map(|l| &l.name))
+        {
             if !names.insert(name.clone()) {
                 err(
                     at("name"),
@@ -362,6 +379,24 @@ pub fn validate(raw: RawEngines, err: &mut dyn FnMut(String, String)) -> Engines
                 "the command must pass the port infergate chose: include {port}".into(),
             );
         }
+        let enable_lora = m.enable_lora.unwrap_or(!m.lora.is_empty());
+        if enable_lora && !matches!(kind, EngineKind::Vllm | EngineKind::Command) {
+            err(
+                at("lora"),
+                format!(
+                    "LoRA adapters are supported for kind vllm (and command), not `{}`",
+                    kind.as_str()
+                ),
+            );
+        }
+        let mut env: Vec<(String, String)> = m.env.into_iter().collect();
+        if enable_lora && kind == EngineKind::Vllm {
+            command.push("--enable-lora".to_string());
+            env.push((
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING".to_string(),
+                "True".to_string(),
+            ));
+        }
         command.extend(m.args);
         let health_path = m.health_path.unwrap_or_else(|| "/health".to_string());
         if !health_path.starts_with('/') {
@@ -389,7 +424,7 @@ pub fn validate(raw: RawEngines, err: &mut dyn FnMut(String, String)) -> Engines
             kind,
             path: m.path,
             command,
-            env: m.env.into_iter().collect(),
+            env,
             workdir: m.workdir.map(PathBuf::from),
             gpus: m.gpus,
             gpu_memory_mb,
@@ -412,6 +447,8 @@ pub fn validate(raw: RawEngines, err: &mut dyn FnMut(String, String)) -> Engines
             preload: m.preload.unwrap_or(false),
             max_restarts: m.max_restarts.unwrap_or(3),
             aliases: m.aliases,
+            lora: m.lora.into_iter().map(|l| (l.name, l.path)).collect(),
+            enable_lora,
         });
     }
     let (lo, hi) = out.ports;

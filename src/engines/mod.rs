@@ -84,6 +84,15 @@ impl EngineError {
     }
 }
 
+/// Why an adapter could not be loaded or unloaded.
+#[derive(Debug)]
+pub enum AdapterError {
+    NotEnabled,
+    Unknown,
+    Start(EngineError),
+    Engine { status: u16, message: String },
+}
+
 /// Counts a request against an engine (idle time, eviction) while it runs.
 pub struct EngineUse(Arc<Engine>);
 
@@ -110,6 +119,9 @@ pub struct Engine {
     last_error: Mutex<Option<String>>,
     pid: AtomicU32,
     port: Mutex<Option<u16>>,
+    /// LoRA adapters (name, path): the configured ones plus those loaded
+    /// through the admin API; all are loaded again after every start.
+    adapters: Mutex<Vec<(String, String)>>,
 }
 
 fn now_ms() -> u64 {
@@ -138,6 +150,18 @@ impl Engine {
 
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Names of the LoRA adapters this engine serves.
+    pub fn adapters(&self) -> Vec<String> {
+        lock(&self.adapters)
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn serves_adapter(&self, model: &str) -> bool {
+        lock(&self.adapters).iter().any(|(n, _)| n == model)
     }
 
     fn idle_for(&self) -> Duration {
@@ -189,6 +213,7 @@ impl Engines {
                     last_error: Mutex::new(None),
                     pid: AtomicU32::new(0),
                     port: Mutex::new(None),
+                    adapters: Mutex::new(spec.lora.clone()),
                 })
             })
             .collect();
@@ -206,11 +231,75 @@ impl Engines {
         self.engines.is_empty()
     }
 
-    /// The engine serving `model` (its name or an alias), and the name it serves.
+    /// The engine serving `model`: its name, an alias or one of its LoRA adapters.
     pub fn find(&self, model: &str) -> Option<&Arc<Engine>> {
-        self.engines
-            .iter()
-            .find(|e| e.spec.name == model || e.spec.aliases.contains_key(model))
+        self.engines.iter().find(|e| {
+            e.spec.name == model || e.spec.aliases.contains_key(model) || e.serves_adapter(model)
+        })
+    }
+
+    /// `POST /admin/models/{base}/lora`: load an adapter into the running
+    /// engine (started if needed) through vLLM's `/v1/load_lora_adapter`;
+    /// it is loaded again after every restart.
+    pub async fn load_adapter(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        name: &str,
+        path: &str,
+    ) -> Result<(), AdapterError> {
+        if !engine.spec.enable_lora {
+            return Err(AdapterError::NotEnabled);
+        }
+        if self.find(name).is_some() {
+            return Err(AdapterError::Engine {
+                status: 400,
+                message: format!("`{name}` is already a model name; choose another adapter name"),
+            });
+        }
+        let (addr, _use) = self.acquire(engine).await.map_err(AdapterError::Start)?;
+        let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
+        let (status, text) = post_json(addr, "/v1/load_lora_adapter", &body)
+            .await
+            .map_err(|e| AdapterError::Engine {
+                status: 502,
+                message: e,
+            })?;
+        if status != 200 {
+            return Err(AdapterError::Engine {
+                status,
+                message: text,
+            });
+        }
+        lock(&engine.adapters).push((name.to_string(), path.to_string()));
+        Ok(())
+    }
+
+    /// `DELETE /admin/models/{base}/lora/{name}` through `/v1/unload_lora_adapter`.
+    pub async fn unload_adapter(
+        &self,
+        engine: &Arc<Engine>,
+        name: &str,
+    ) -> Result<(), AdapterError> {
+        if !engine.serves_adapter(name) {
+            return Err(AdapterError::Unknown);
+        }
+        if let State::Running(addr) = engine.state() {
+            let body = serde_json::json!({"lora_name": name}).to_string();
+            let (status, text) = post_json(addr, "/v1/unload_lora_adapter", &body)
+                .await
+                .map_err(|e| AdapterError::Engine {
+                    status: 502,
+                    message: e,
+                })?;
+            if status != 200 {
+                return Err(AdapterError::Engine {
+                    status,
+                    message: text,
+                });
+            }
+        }
+        lock(&engine.adapters).retain(|(n, _)| n != name);
+        Ok(())
     }
 
     pub fn all(&self) -> &[Arc<Engine>] {
@@ -554,6 +643,26 @@ impl Engines {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let adapters = lock(&engine.adapters).clone();
+        for (name, path) in adapters {
+            let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
+            match post_json(addr, "/v1/load_lora_adapter", &body).await {
+                Ok((200, _)) => log::info!("engine `{}`: LoRA adapter `{name}` loaded", spec.name),
+                Ok((status, text)) => {
+                    let _ = process.stop(self.config.stop_grace).await;
+                    engine.pid.store(0, Ordering::Release);
+                    return Err(format!(
+                        "loading LoRA adapter `{name}` from {path} failed ({status}): {}",
+                        text.chars().take(300).collect::<String>()
+                    ));
+                }
+                Err(e) => {
+                    let _ = process.stop(self.config.stop_grace).await;
+                    engine.pid.store(0, Ordering::Release);
+                    return Err(format!("loading LoRA adapter `{name}` failed: {e}"));
+                }
+            }
+        }
         log::info!(
             "engine `{}` ready on {addr} after {:.2} s (pid {})",
             spec.name,
@@ -730,6 +839,41 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A small JSON POST to an engine's own API: (status, body).
+async fn post_json(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to the engine at {addr}: {e}"))?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("writing to the engine failed: {e}"))?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("reading the engine's answer failed: {e}"))?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| "the engine's answer is not HTTP".to_string())?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(120), exchange)
+        .await
+        .map_err(|_| "the engine did not answer within 120 s".to_string())?
 }
 
 /// One readiness probe: `GET path` answered 200.

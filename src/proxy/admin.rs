@@ -189,6 +189,89 @@ pub async fn unload_model(
     write(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
+fn adapter_error(base: &str, e: crate::engines::AdapterError) -> GatewayError {
+    use crate::engines::AdapterError as A;
+    match e {
+        A::NotEnabled => GatewayError::rejected(Rejection::new(
+            400,
+            "invalid_request_error",
+            "lora_not_enabled",
+            format!("The engine for `{base}` was not started with LoRA support: set `enable_lora: true` (kind vllm) in its engines entry."),
+        )),
+        A::Unknown => GatewayError::rejected(Rejection::new(
+            404,
+            "invalid_request_error",
+            "lora_not_found",
+            format!("`{base}` has no such LoRA adapter; GET /v1/models lists them."),
+        )),
+        A::Start(e) => GatewayError::Engine(e),
+        A::Engine { status, message } => GatewayError::rejected(Rejection::new(
+            if status >= 500 { 502 } else { status },
+            if status >= 500 { "upstream_error" } else { "invalid_request_error" },
+            "lora_failed",
+            format!(
+                "The engine refused the adapter: {}",
+                message.chars().filter(|c| !c.is_control()).take(300).collect::<String>()
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoraRequest {
+    lora_name: String,
+    lora_path: String,
+}
+
+/// `POST /admin/models/{base}/lora` `{"lora_name","lora_path"}` →
+/// `{"success":true,"model_id":base,"lora_name"}`.
+pub async fn load_lora(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    base: &str,
+) -> Result<(), GatewayError> {
+    let Some(engine) = app.engines.find(base).cloned() else {
+        return Err(unknown_engine(base));
+    };
+    let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
+    let request: LoraRequest =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::InvalidJson {
+            detail: format!(r#"send {{"lora_name": "...", "lora_path": "..."}} ({e})"#),
+        })?;
+    if request.lora_name.is_empty() || request.lora_name.contains(char::is_control) {
+        return Err(GatewayError::InvalidJson {
+            detail: "lora_name must be a non-empty printable name".into(),
+        });
+    }
+    app.engines
+        .load_adapter(&engine, &request.lora_name, &request.lora_path)
+        .await
+        .map_err(|e| adapter_error(base, e))?;
+    let body =
+        json!({"success": true, "model_id": engine.spec.name, "lora_name": request.lora_name});
+    write(session, ctx, 200, body.to_string().into_bytes()).await
+}
+
+/// `DELETE /admin/models/{base}/lora/{name}` → `{"success":true,"model_id","lora_name"}`.
+pub async fn unload_lora(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    base: &str,
+    name: &str,
+) -> Result<(), GatewayError> {
+    let Some(engine) = app.engines.find(base).cloned() else {
+        return Err(unknown_engine(base));
+    };
+    app.engines
+        .unload_adapter(&engine, name)
+        .await
+        .map_err(|e| adapter_error(base, e))?;
+    let body = json!({"success": true, "model_id": engine.spec.name, "lora_name": name});
+    write(session, ctx, 200, body.to_string().into_bytes()).await
+}
+
 /// `GET /admin/usage`: every principal's limits state and quota.
 pub fn usage_body(app: &AppState) -> Vec<u8> {
     let data = match &app.limits {

@@ -34,6 +34,10 @@ pub enum Endpoint {
     AdminModelUnload(String),
     /// `GET /admin/engines`: every managed engine's state.
     AdminEngines,
+    /// `POST /admin/models/{base}/lora`: load a LoRA adapter (seed 003).
+    AdminLoraLoad(String),
+    /// `DELETE /admin/models/{base}/lora/{name}`: unload one.
+    AdminLoraUnload(String, String),
 }
 
 impl Endpoint {
@@ -56,6 +60,8 @@ impl Endpoint {
             Endpoint::AdminModelLoad(_) => "admin_model_load",
             Endpoint::AdminModelUnload(_) => "admin_model_unload",
             Endpoint::AdminEngines => "admin_engines",
+            Endpoint::AdminLoraLoad(_) => "admin_lora_load",
+            Endpoint::AdminLoraUnload(..) => "admin_lora_unload",
         }
     }
 
@@ -71,7 +77,9 @@ impl Endpoint {
             | Endpoint::AdminUsage
             | Endpoint::AdminModelLoad(_)
             | Endpoint::AdminModelUnload(_)
-            | Endpoint::AdminEngines => Access::Admin,
+            | Endpoint::AdminEngines
+            | Endpoint::AdminLoraLoad(_)
+            | Endpoint::AdminLoraUnload(..) => Access::Admin,
             Endpoint::GatewayHealth
             | Endpoint::Live
             | Endpoint::Ready
@@ -146,6 +154,21 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
         _ => {}
     }
     if let Some(rest) = trimmed.strip_prefix("/admin/models/") {
+        if let Some(base) = rest.strip_suffix("/lora") {
+            return match method {
+                "POST" => Ok(Endpoint::AdminLoraLoad(percent_decode(base))),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            };
+        }
+        if let Some((base, name)) = rest.split_once("/lora/") {
+            return match method {
+                "DELETE" => Ok(Endpoint::AdminLoraUnload(
+                    percent_decode(base),
+                    percent_decode(name),
+                )),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "DELETE" }),
+            };
+        }
         let action = rest
             .strip_suffix("/load")
             .map(|id| Endpoint::AdminModelLoad(percent_decode(id)))

@@ -375,6 +375,10 @@ async fn route_and_forward(
         Endpoint::Login => admin::login(app, session, ctx, ip).await,
         Endpoint::AdminModelLoad(id) => admin::load_model(app, session, ctx, &id).await,
         Endpoint::AdminModelUnload(id) => admin::unload_model(app, session, ctx, &id).await,
+        Endpoint::AdminLoraLoad(base) => admin::load_lora(app, session, ctx, &base).await,
+        Endpoint::AdminLoraUnload(base, name) => {
+            admin::unload_lora(app, session, ctx, &base, &name).await
+        }
         Endpoint::AdminEngines => {
             let body = serde_json::json!({"object": "list", "data": app.engines.status()});
             answer(session, ctx, 200, body.to_string().into_bytes()).await
@@ -459,7 +463,12 @@ async fn proxy_to_model(
         Some(field) => {
             let (target, served) = match app.engines.find(&field.name) {
                 Some(engine) => {
-                    let served = (engine.spec.name != field.name).then(|| engine.spec.name.clone());
+                    // an alias is rewritten; a LoRA adapter's name is what the engine serves
+                    let served = engine
+                        .spec
+                        .aliases
+                        .contains_key(&field.name)
+                        .then(|| engine.spec.name.clone());
                     (Target::Engine(engine.clone()), served)
                 }
                 None => {

@@ -20,6 +20,9 @@ pub enum Route {
     MockHealth,
     MockStats,
     MockLastRequest,
+    /// vLLM's runtime LoRA endpoints.
+    LoadLora,
+    UnloadLora,
     WrongMethod(&'static str),
     NotFound,
 }
@@ -31,6 +34,8 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/mock/health" => (Route::MockHealth, Method::POST),
         "/mock/stats" => (Route::MockStats, Method::GET),
         "/mock/last-request" => (Route::MockLastRequest, Method::GET),
+        "/v1/load_lora_adapter" => (Route::LoadLora, Method::POST),
+        "/v1/unload_lora_adapter" => (Route::UnloadLora, Method::POST),
         _ => {
             let p = match path.strip_prefix("/v1") {
                 Some(rest) if rest.starts_with('/') => rest,

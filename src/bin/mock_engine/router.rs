@@ -62,7 +62,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockB
             inference(&state, ep, &parts, data, sha, guard).await
         }
         (Route::Models, _) => {
-            let data: Vec<Value> = state
+            let mut data: Vec<Value> = state
                 .models
                 .iter()
                 .map(|m| {
@@ -70,6 +70,13 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockB
                            "owned_by": "mock-engine", "root": m.name, "parent": null})
                 })
                 .collect();
+            for (adapter, base) in state.loras.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let parent = state.models.get(*base).map(|m| m.name.clone());
+                data.push(
+                    json!({"id": adapter, "object": "model", "created": state.cfg.start_unix,
+                                 "owned_by": "mock-engine", "root": adapter, "parent": parent}),
+                );
+            }
             json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
         }
         (Route::Health, _) => {
@@ -115,6 +122,61 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockB
             }
         }
         (Route::MockStats, _) => json_response(StatusCode::OK, &state.stats_json()),
+        (Route::LoadLora, _) | (Route::UnloadLora, _) => {
+            let load = matches!(route, Route::LoadLora);
+            let req: Value = received
+                .as_ref()
+                .and_then(|r| serde_json::from_slice(&r.data).ok())
+                .unwrap_or(Value::Null);
+            let Some(name) = req.get("lora_name").and_then(Value::as_str) else {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "lora_name is required",
+                    "BadRequestError",
+                    Some("lora_name"),
+                    flat,
+                );
+            };
+            let mut loras = state.loras.lock().unwrap_or_else(|e| e.into_inner());
+            let exists = loras.iter().any(|(a, _)| a == name);
+            if load {
+                if exists {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        &format!("The lora adapter '{name}' has already been loaded."),
+                        "BadRequestError",
+                        None,
+                        flat,
+                    );
+                }
+                loras.push((name.to_string(), 0));
+                full(
+                    StatusCode::OK,
+                    &TEXT_PLAIN,
+                    Bytes::from(format!(
+                        "Success: LoRA adapter '{name}' added successfully."
+                    )),
+                )
+            } else {
+                if !exists {
+                    return error_response(
+                        StatusCode::NOT_FOUND,
+                        &format!("The lora adapter '{name}' cannot be found."),
+                        "NotFoundError",
+                        None,
+                        flat,
+                    );
+                }
+                loras.retain(|(a, _)| a != name);
+                full(
+                    StatusCode::OK,
+                    &TEXT_PLAIN,
+                    Bytes::from(format!(
+                        "Success: LoRA adapter '{name}' removed successfully."
+                    )),
+                )
+            }
+        }
         (Route::MockLastRequest, _) => json_response(StatusCode::OK, &state.last_request_json()),
         (Route::WrongMethod(allow), _) => {
             let mut r = error_response(

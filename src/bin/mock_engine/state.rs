@@ -68,6 +68,8 @@ pub struct State {
     pub healthy: AtomicBool,
     pub errors: Option<Mutex<ErrorInjector>>,
     pub last_request: Mutex<Option<LastRequest>>,
+    /// LoRA adapters loaded at runtime: adapter name → base model index.
+    pub loras: Mutex<Vec<(String, usize)>>,
 }
 
 impl State {
@@ -91,6 +93,7 @@ impl State {
             healthy: AtomicBool::new(healthy),
             errors,
             last_request: Mutex::new(None),
+            loras: Mutex::new(Vec::new()),
         }
     }
 
@@ -99,7 +102,10 @@ impl State {
     pub fn model_index(&self, name: Option<&str>) -> Option<usize> {
         match name {
             None => Some(0),
-            Some(n) => self.models.iter().position(|m| m.name == n),
+            Some(n) => self.models.iter().position(|m| m.name == n).or_else(|| {
+                let loras = self.loras.lock().unwrap_or_else(|e| e.into_inner());
+                loras.iter().find(|(a, _)| a == n).map(|(_, base)| *base)
+            }),
         }
     }
 
