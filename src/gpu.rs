@@ -39,6 +39,9 @@ pub struct GpuInfo {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuSnapshot {
     pub gpus: Vec<GpuInfo>,
+    /// GPU memory (MB) per process using a GPU, summed over GPUs, for
+    /// attributing memory to managed engines.
+    pub processes: Vec<(u32, u64)>,
     /// Why there is no GPU data, when there is none.
     pub unavailable: Option<String>,
 }
@@ -52,8 +55,8 @@ impl GpuMonitor {
     pub fn start() -> Arc<GpuMonitor> {
         let monitor = Arc::new(GpuMonitor {
             snapshot: ArcSwap::from_pointee(GpuSnapshot {
-                gpus: Vec::new(),
                 unavailable: Some("GPU state has not been read yet".to_string()),
+                ..GpuSnapshot::default()
             }),
         });
         let poller = monitor.clone();
@@ -62,8 +65,8 @@ impl GpuMonitor {
             .spawn(move || poller.run());
         if let Err(e) = spawned {
             monitor.snapshot.store(Arc::new(GpuSnapshot {
-                gpus: Vec::new(),
                 unavailable: Some(format!("the GPU monitor thread could not start: {e}")),
+                ..GpuSnapshot::default()
             }));
         }
         monitor
@@ -80,8 +83,8 @@ impl GpuMonitor {
                 let reason = format!("NVML is not available ({e}); no NVIDIA GPU state");
                 log::warn!("{reason}; GPU fields in /health and /metrics stay empty");
                 self.snapshot.store(Arc::new(GpuSnapshot {
-                    gpus: Vec::new(),
                     unavailable: Some(reason),
+                    ..GpuSnapshot::default()
                 }));
                 return;
             }
@@ -98,13 +101,14 @@ fn read(nvml: &Nvml) -> GpuSnapshot {
         Ok(n) => n,
         Err(e) => {
             return GpuSnapshot {
-                gpus: Vec::new(),
                 unavailable: Some(format!("NVML could not count GPUs: {e}")),
+                ..GpuSnapshot::default()
             }
         }
     };
     let mb = |bytes: u64| bytes / (1024 * 1024);
     let mut gpus = Vec::new();
+    let mut processes: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
     for id in 0..count {
         let Ok(device) = nvml.device_by_index(id) else {
             continue;
@@ -112,6 +116,11 @@ fn read(nvml: &Nvml) -> GpuSnapshot {
         let Ok(memory) = device.memory_info() else {
             continue;
         };
+        for p in device.running_compute_processes().unwrap_or_default() {
+            if let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                *processes.entry(p.pid).or_default() += mb(bytes);
+            }
+        }
         gpus.push(GpuInfo {
             id,
             name: device.name().unwrap_or_else(|_| "unknown".to_string()),
@@ -134,5 +143,9 @@ fn read(nvml: &Nvml) -> GpuSnapshot {
         });
     }
     let unavailable = gpus.is_empty().then(|| "NVML found no GPU".to_string());
-    GpuSnapshot { gpus, unavailable }
+    GpuSnapshot {
+        gpus,
+        processes: processes.into_iter().collect(),
+        unavailable,
+    }
 }

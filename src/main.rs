@@ -123,11 +123,12 @@ fn main() -> ExitCode {
             eprintln!("{}: warning: {warning}", path.display());
         }
         println!(
-            "{}: OK ({} pools, {} model names, {} backends; filters: [{}])",
+            "{}: OK ({} pools, {} model names, {} backends, {} managed engines; filters: [{}])",
             path.display(),
             config.pools.len(),
             models,
             config.pools.iter().map(|p| p.backends.len()).sum::<usize>(),
+            config.engines.models.len(),
             built.chain.names().join(", ")
         );
         return ExitCode::SUCCESS;

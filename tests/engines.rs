@@ -394,3 +394,46 @@ fn lora_adapters_route_to_their_base_and_load_at_runtime() {
         .unwrap();
     assert_eq!(resp.status(), 404);
 }
+
+#[test]
+fn streaming_clients_get_keepalive_comments_while_an_engine_starts() {
+    let slow = format!(
+        "    - name: slow-chat\n      kind: command\n      command: [\"sh\", \"-c\", \"sleep 6; exec {MOCK_BIN} --listen 127.0.0.1:$0 --model slow-chat\", \"{{port}}\"]\n      startup_timeout: 30s\n"
+    );
+    let broken = "    - name: broken\n      kind: command\n      command: [\"sh\", \"-c\", \"echo no luck; exit 1\", \"{port}\"]\n      startup_timeout: 5s\n      max_restarts: 0\n".to_string();
+    let s = start(&[slow, broken], "");
+    let stream = |model: &str| {
+        let mut raw = raw_connect(s.gw.addr);
+        let body = chat_body(model, true);
+        write_all(
+            &mut raw,
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let mut text = String::new();
+        raw.read_to_string(&mut text).unwrap();
+        text
+    };
+    let text = stream("slow-chat");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("text/event-stream"));
+    let comment = text
+        .find(": loading model slow-chat")
+        .expect("a keep-alive comment");
+    let first_data = text.find("data: {").expect("the engine's chunks");
+    assert!(comment < first_data, "comments come before the first chunk");
+    assert!(text.contains("data: [DONE]"));
+    // a start that fails ends the stream with an OpenAI error event
+    let text = stream("broken");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let event = text
+        .lines()
+        .find(|l| l.starts_with("data: {\"error\""))
+        .expect("an error event");
+    let error: Value = serde_json::from_str(&event["data: ".len()..]).unwrap();
+    assert_eq!(error["error"]["code"], "engine_failed");
+    assert!(!text.contains("[DONE]"));
+}

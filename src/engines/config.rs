@@ -390,6 +390,14 @@ pub fn validate(raw: RawEngines, err: &mut dyn FnMut(String, String)) -> Engines
             );
         }
         let mut env: Vec<(String, String)> = m.env.into_iter().collect();
+        if kind == EngineKind::Vllm {
+            // vLLM reports usage statistics home unless told not to
+            for (k, v) in [("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")] {
+                if !env.iter().any(|(name, _)| name == k) {
+                    env.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
         if enable_lora && kind == EngineKind::Vllm {
             command.push("--enable-lora".to_string());
             env.push((

@@ -182,7 +182,11 @@ pub struct EngineStatus {
     pub in_flight: u64,
     pub idle_seconds: u64,
     pub gpus: Vec<u32>,
+    /// Declared in the config (admission and eviction use it).
     pub gpu_memory_mb: u64,
+    /// Measured through NVML: the GPU memory of the engine's process group
+    /// (`null` without NVML or while stopped).
+    pub gpu_memory_used_mb: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -721,17 +725,21 @@ impl Engines {
         engine.set(State::Stopping);
         let pid = engine.pid.load(Ordering::Acquire);
         if pid != 0 {
-            // the supervising task reaps it and clears the pid
-            let _ = process::signal_group(pid, libc::SIGTERM);
+            // SIGTERM to the engine itself first, so it can stop its own
+            // workers in order (vLLM does); the supervising task reaps it
+            // and clears the pid
+            let _ = process::signal_process(pid, libc::SIGTERM);
             if !wait_pid_cleared(engine, grace).await {
                 log::warn!(
-                    "engine `{}` (pid {pid}) ignored SIGTERM for {} s: SIGKILL",
+                    "engine `{}` (pid {pid}) ignored SIGTERM for {} s: SIGKILL to its process group",
                     engine.spec.name,
                     grace.as_secs()
                 );
                 let _ = process::signal_group(pid, libc::SIGKILL);
                 wait_pid_cleared(engine, Duration::from_secs(10)).await;
             }
+            // whatever the engine left behind in its group goes too
+            let _ = process::signal_group(pid, libc::SIGKILL);
         }
         engine.admitted.store(false, Ordering::Release);
         *lock(&engine.started) = None;
@@ -787,6 +795,7 @@ impl Engines {
     }
 
     pub fn status(&self) -> Vec<EngineStatus> {
+        let snapshot = self.gpu.snapshot();
         self.engines
             .iter()
             .map(|e| {
@@ -807,6 +816,9 @@ impl Engines {
                     idle_seconds: e.idle_for().as_secs(),
                     gpus: e.spec.gpus.clone(),
                     gpu_memory_mb: e.spec.gpu_memory_mb,
+                    gpu_memory_used_mb: (pid != 0)
+                        .then(|| measured_gpu_memory(&snapshot.processes, pid))
+                        .flatten(),
                     last_error: match &state {
                         State::Failed(r) => Some(r.clone()),
                         _ => lock(&e.last_error).clone(),
@@ -815,6 +827,25 @@ impl Engines {
             })
             .collect()
     }
+}
+
+/// GPU memory of the processes in `pgid`'s process group (an engine and its
+/// workers), from NVML's per-process list; `None` when none of them uses a GPU.
+fn measured_gpu_memory(processes: &[(u32, u64)], pgid: u32) -> Option<u64> {
+    let mut total = None;
+    for &(pid, mb) in processes {
+        let group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // the fields after the `(comm)`: state, ppid, pgrp
+                let rest = stat.rsplit_once(')')?.1;
+                rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+            });
+        if pid == pgid || group == Some(pgid) {
+            *total.get_or_insert(0) += mb;
+        }
+    }
+    total
 }
 
 /// Wait until the supervising task has reaped the process.

@@ -510,6 +510,31 @@ pub(super) fn signal_group(pgid: u32, sig: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// `kill(pid, sig)`: signal the engine process itself (its leader), so it can
+/// shut its own workers down in order before the group is killed.
+#[allow(unsafe_code)]
+pub(super) fn signal_process(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = match libc::pid_t::try_from(pid) {
+        Ok(p) if p > 1 => p,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not an engine process: {pid}"),
+            ))
+        }
+    };
+    // SAFETY: kill() takes no pointers and has no memory effects in this
+    // process; pid > 1 addresses one process, the engine we spawned (its exit
+    // is reaped by our own supervisor, so the pid cannot have been reused
+    // while it is recorded as running).
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A pipe whose two ends are closed on exec (only the copies that become the
 /// engine's stdout/stderr reach it).
 #[allow(unsafe_code)]

@@ -51,6 +51,9 @@ pub struct RequestCtx {
     pub model_use: Option<ModelGuard>,
     /// Holds a managed engine busy (no idle unload, no eviction) while it runs.
     pub engine_use: Option<crate::engines::EngineUse>,
+    /// The SSE response header already went out (keep-alive comments while
+    /// an engine started): later errors become SSE error events.
+    pub sse_started: bool,
 }
 
 impl RequestCtx {
@@ -83,6 +86,7 @@ impl RequestCtx {
             counted_active: false,
             model_use: None,
             engine_use: None,
+            sse_started: false,
         }
     }
 

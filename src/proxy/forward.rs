@@ -344,10 +344,12 @@ async fn relay_response(
         UsageTap::off()
     };
     ctx.status = response.status.as_u16();
-    if session
-        .write_response_header(Box::new(response), false)
-        .await
-        .is_err()
+    // a client that waited for an engine start already has its SSE header
+    if !ctx.sse_started
+        && session
+            .write_response_header(Box::new(response), false)
+            .await
+            .is_err()
     {
         ctx.client_gone = true;
         return Ok(());

