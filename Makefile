@@ -45,6 +45,10 @@ lint:
 check-conf:
 	@for f in conf/*.yaml; do target/release/infergate --check --config "$$f" || exit 1; done
 	promtool check config conf/monitoring/prometheus.yml
+	@if command -v systemd-analyze >/dev/null; then \
+	  sed "s|/usr/local/bin/infergate|$$PWD/target/release/infergate|g" systemd/infergate.service > target/infergate.service && \
+	  systemd-analyze verify target/infergate.service && echo "systemd/infergate.service: systemd-analyze verify OK"; \
+	else echo "systemd-analyze not installed: unit file not verified"; fi
 	python3 -m json.tool conf/monitoring/grafana/infergate.json >/dev/null
 
 ## real-engine: infergate in front of a real llama.cpp server, driven by the openai SDK
