@@ -5,7 +5,7 @@
 # See load-tests/README.md for what is measured and how to read it.
 #
 # usage: load-tests/bench.sh [--smoke]
-#   --smoke   3 s per run, 1 round, short warm-up (the CI variant; see smoke.sh)
+#   --smoke   3 s per run, 3 rounds (medians), short warm-up (the CI variant; see smoke.sh)
 # env (defaults in brackets):
 #   BENCH_DURATION [10s]   wrk -d for the throughput runs
 #   BENCH_ROUNDS [3]       rounds; targets alternate order every round; medians reported
@@ -46,7 +46,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 LAT_DURATION=${BENCH_LAT_DURATION:-5s}
 WARMUP=${BENCH_WARMUP:-2s}
 if [ "$SMOKE" = 1 ]; then
-  DURATION=3s; ROUNDS=1; LAT_DURATION=${BENCH_LAT_DURATION:-2s}; WARMUP=${BENCH_WARMUP:-1s}
+  DURATION=3s; ROUNDS=${BENCH_ROUNDS:-3}; LAT_DURATION=${BENCH_LAT_DURATION:-2s}; WARMUP=${BENCH_WARMUP:-1s}
 fi
 CONNS=${BENCH_CONNECTIONS:-32}
 PROXY_THREADS=${BENCH_PROXY_THREADS:-2}

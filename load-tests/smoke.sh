@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# smoke.sh — the CI variant of bench.sh: one short round (bench.sh --smoke), then
+# smoke.sh — the CI variant of bench.sh: three short rounds, medians (bench.sh --smoke), then
 # ratio checks only, no wall-clock thresholds:
 #   * infergate throughput >= SMOKE_MIN_GATEWAY_RATIO (default 0.15) x direct
 #   * infergate throughput >= SMOKE_MIN_GATEWAY_OVER_NGINX (default 0.4) x nginx
