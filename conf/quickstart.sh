@@ -9,7 +9,8 @@ CONFIG=${CONFIG:-$ROOT/conf/quickstart.yaml}
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/infergate-quickstart.XXXXXX")
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # SIGINT: the gateway's fast shutdown (SIGTERM would wait for its grace period)
+  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM

@@ -231,6 +231,10 @@ pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
 /// take traffic, else 503 with the reason (a Kubernetes readiness probe then
 /// takes the gateway out of its Service until engines are back).
 pub fn ready_body(app: &AppState) -> (u16, Vec<u8>) {
+    if app.draining.borrow().is_some() {
+        let body = json!({"ready": false, "reason": "draining: the gateway is shutting down"});
+        return (503, body.to_string().into_bytes());
+    }
     let serving = app
         .router
         .pools()

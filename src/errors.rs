@@ -45,6 +45,8 @@ pub enum GatewayError {
     Internal { detail: String },
     /// A managed engine could not be made ready.
     Engine(crate::engines::EngineError),
+    /// The gateway is shutting down and the grace period is ending.
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +124,8 @@ impl GatewayError {
             E::Rejected(r) => (r.status, r.error_type, r.code, r.param, r.message.clone()),
             E::Internal { detail } => (500, "server_error", "internal_error", None,
                 format!("The gateway failed to handle the request ({detail}). Retry; if it persists, tell the operator.")),
+            E::ShuttingDown => (503, "service_unavailable", "server_shutting_down", None,
+                "The gateway is shutting down and could not finish this response within its grace period. Retry; another instance will take it.".to_string()),
             E::Engine(e) => {
                 use crate::engines::EngineError as X;
                 let code = match e {
@@ -134,7 +138,7 @@ impl GatewayError {
             }
         };
         let retry_after = match self {
-            E::NoHealthyBackend { .. } | E::ConnectFailed { .. } => Some(1),
+            E::NoHealthyBackend { .. } | E::ConnectFailed { .. } | E::ShuttingDown => Some(1),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,
             E::Engine(crate::engines::EngineError::NoGpuMemory { .. }) => Some(10),

@@ -30,6 +30,10 @@ pub struct AppState {
     pub gpu: Arc<GpuMonitor>,
     /// Engine processes infergate manages (none without `engines:`).
     pub engines: Arc<Engines>,
+    /// Set when a graceful shutdown starts (SIGTERM) to the moment open
+    /// responses must end (just before `server.grace_period` runs out);
+    /// readiness turns 503 at once.
+    pub draining: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl AppState {
@@ -71,6 +75,7 @@ impl AppState {
             models: ModelStats::new(names),
             engines,
             gpu,
+            draining: tokio::sync::watch::Sender::new(None),
         }))
     }
 }

@@ -217,7 +217,7 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
         listen,
         threads: threads.max(1),
         max_request_body_bytes: max_body,
-        grace_period: errs.duration("server.grace_period", raw.grace_period.as_ref(), secs(5)),
+        grace_period: errs.duration("server.grace_period", raw.grace_period.as_ref(), secs(30)),
         admin_listen: raw.admin_listen.and_then(|text| {
             resolve(&text)
                 .map_err(|e| errs.push("server.admin_listen", e))

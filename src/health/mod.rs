@@ -44,6 +44,16 @@ impl BackgroundService for Supervisor {
             }
         }));
         let _ = shutdown.changed().await;
+        log::info!(
+            "graceful shutdown: draining; open requests have until the end of the {} s grace period",
+            self.app.config.server.grace_period.as_secs()
+        );
+        let grace = self.app.config.server.grace_period;
+        // leave time to write the error before Pingora stops the runtime
+        let margin = std::time::Duration::from_secs(1).min(grace / 2);
+        self.app.draining.send_replace(Some(
+            tokio::time::Instant::now() + grace.saturating_sub(margin),
+        ));
         for task in tasks {
             task.abort();
         }

@@ -287,6 +287,7 @@ async fn relay_response(
     let read_header = tokio::select! {
         biased;
         res = timeout(first_byte, read_final_header(upstream)) => res,
+        _ = grace_ends(app) => return Err(GatewayError::ShuttingDown),
         _ = client_closed(session) => {
             ctx.client_gone = true;
             log::info!("request {}: client left before the first byte; closing the engine connection", ctx.request_id());
@@ -411,6 +412,7 @@ async fn relay_body(
             biased;
             res = timeout(idle, upstream.read_body_bytes()) => res,
             _ = client_closed(session) => return Err(Interrupted::ClientGone),
+            _ = grace_ends(app) => return Err(Interrupted::Upstream(GatewayError::ShuttingDown)),
         };
         match chunk {
             Err(_) => {
@@ -515,6 +517,21 @@ async fn end_broken_stream(
         .write_response_body(Some(Bytes::from(event)), false)
         .await;
     let _ = session.write_response_body(None, true).await;
+}
+
+/// Resolves shortly before a graceful shutdown's grace period ends (never
+/// while the gateway is not shutting down), so an unfinished response ends
+/// with an error the client can read instead of a cut connection.
+async fn grace_ends(app: &AppState) {
+    let mut draining = app.draining.subscribe();
+    let deadline = match draining.wait_for(Option::is_some).await {
+        Ok(d) => *d,
+        Err(_) => None,
+    };
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Read response headers until a final (non-1xx) one; 1xx responses such as
