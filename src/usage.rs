@@ -233,18 +233,14 @@ fn count_content(events: &[u8]) -> u64 {
 
 /// The `data:` payload of a one-line-data event.
 fn event_data(event: &[u8]) -> Option<&[u8]> {
-    let text = trim_ascii(event);
+    let text = event.trim_ascii();
     for line in text.split(|&b| b == b'\n') {
-        let line = trim_ascii(line);
+        let line = line.trim_ascii();
         if let Some(rest) = line.strip_prefix(b"data:") {
-            return Some(trim_ascii(rest));
+            return Some(rest.trim_ascii());
         }
     }
     None
-}
-
-fn trim_ascii(bytes: &[u8]) -> &[u8] {
-    bytes.trim_ascii()
 }
 
 /// End (exclusive) of the first complete event: after a blank line.

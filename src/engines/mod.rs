@@ -491,11 +491,6 @@ impl Engines {
             .sum()
     }
 
-    /// Per-engine GPU memory as declared (seed 000's `gpu_memory_mb`).
-    pub fn gpu_memory_mb(&self, engine: &Engine) -> u64 {
-        engine.spec.gpu_memory_mb
-    }
-
     /// Start (state is already `Starting`), then supervise until stopped.
     async fn run(self: Arc<Self>, engine: Arc<Engine>) {
         let mut backoff = Duration::from_millis(500);

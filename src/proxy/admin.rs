@@ -73,7 +73,7 @@ pub async fn login(
         "data": {"token": grant.token, "version": grant.version, "user_id": grant.user_id},
     });
     ctx.user = Some(format!("user:{}", grant.user_id));
-    write(session, ctx, 200, body.to_string().into_bytes()).await
+    respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
 /// `POST /admin/reload-keys`: re-read the keys and users files. A file that
@@ -116,7 +116,7 @@ pub async fn reload_keys(
                 "users": report.users,
                 "warnings": report.warnings,
             });
-            write(session, ctx, 200, body.to_string().into_bytes()).await
+            respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
         }
         Err(reason) => {
             log::error!("keys reload via /admin/reload-keys failed, nothing changed: {reason}");
@@ -170,7 +170,7 @@ pub async fn load_model(
         "port": address.port(),
         "status": "running",
     });
-    write(session, ctx, 200, body.to_string().into_bytes()).await
+    respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
 /// `POST /admin/models/{id}/unload` → `{"success":true,"model_id"}` once the
@@ -186,7 +186,7 @@ pub async fn unload_model(
     };
     app.engines.unload(&engine).await;
     let body = json!({"success": true, "model_id": engine.spec.name});
-    write(session, ctx, 200, body.to_string().into_bytes()).await
+    respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
 fn adapter_error(base: &str, e: crate::engines::AdapterError) -> GatewayError {
@@ -250,7 +250,7 @@ pub async fn load_lora(
         .map_err(|e| adapter_error(base, e))?;
     let body =
         json!({"success": true, "model_id": engine.spec.name, "lora_name": request.lora_name});
-    write(session, ctx, 200, body.to_string().into_bytes()).await
+    respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
 /// `DELETE /admin/models/{base}/lora/{name}` → `{"success":true,"model_id","lora_name"}`.
@@ -269,7 +269,7 @@ pub async fn unload_lora(
         .await
         .map_err(|e| adapter_error(base, e))?;
     let body = json!({"success": true, "model_id": engine.spec.name, "lora_name": name});
-    write(session, ctx, 200, body.to_string().into_bytes()).await
+    respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
 /// `GET /admin/usage`: every principal's limits state and quota.
@@ -282,19 +282,4 @@ pub fn usage_body(app: &AppState) -> Vec<u8> {
     json!({"object": "list", "principals": principals, "data": data})
         .to_string()
         .into_bytes()
-}
-
-async fn write(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    status: u16,
-    body: Vec<u8>,
-) -> Result<(), GatewayError> {
-    if respond::write_json(session, ctx, status, body, &[])
-        .await
-        .is_err()
-    {
-        ctx.client_gone = true;
-    }
-    Ok(())
 }

@@ -402,6 +402,9 @@ async fn relay_body(
     upstream: &mut UpstreamSession,
 ) -> Result<(), Interrupted> {
     let idle = app.config.timeouts.idle;
+    // one shutdown watch for the whole body, not one per chunk
+    let grace = grace_ends(app);
+    tokio::pin!(grace);
     loop {
         if upstream.is_body_done() {
             // the client may already hold the whole response and send its next
@@ -412,7 +415,7 @@ async fn relay_body(
             biased;
             res = timeout(idle, upstream.read_body_bytes()) => res,
             _ = client_closed(session) => return Err(Interrupted::ClientGone),
-            _ = grace_ends(app) => return Err(Interrupted::Upstream(GatewayError::ShuttingDown)),
+            _ = &mut grace => return Err(Interrupted::Upstream(GatewayError::ShuttingDown)),
         };
         match chunk {
             Err(_) => {

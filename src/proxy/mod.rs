@@ -368,25 +368,25 @@ async fn route_and_forward(
     match endpoint {
         Endpoint::ListModels => {
             let body = catalog::list_body(app, ctx.filters.identity.as_deref());
-            answer(session, ctx, 200, body).await
+            respond::answer(session, ctx, 200, body).await
         }
         Endpoint::GetModel(id) => {
             match catalog::model_body(app, &id, ctx.filters.identity.as_deref()) {
-                Some(body) => answer(session, ctx, 200, body).await,
+                Some(body) => respond::answer(session, ctx, 200, body).await,
                 None => Err(GatewayError::UnknownModel { model: id }),
             }
         }
         Endpoint::GatewayHealth => {
             let (status, body) = catalog::health_body(app);
-            answer(session, ctx, status, body).await
+            respond::answer(session, ctx, status, body).await
         }
-        Endpoint::Live => answer(session, ctx, 200, br#"{"alive":true}"#.to_vec()).await,
+        Endpoint::Live => respond::answer(session, ctx, 200, br#"{"alive":true}"#.to_vec()).await,
         Endpoint::Ready => {
             let (status, body) = catalog::ready_body(app);
-            answer(session, ctx, status, body).await
+            respond::answer(session, ctx, status, body).await
         }
-        Endpoint::Services => answer(session, ctx, 200, catalog::services_body(app)).await,
-        Endpoint::Stats => answer(session, ctx, 200, catalog::stats_body(app)).await,
+        Endpoint::Services => respond::answer(session, ctx, 200, catalog::services_body(app)).await,
+        Endpoint::Stats => respond::answer(session, ctx, 200, catalog::stats_body(app)).await,
         Endpoint::Login => admin::login(app, session, ctx, ip).await,
         Endpoint::AdminModelLoad(id) => admin::load_model(app, session, ctx, &id).await,
         Endpoint::AdminModelUnload(id) => admin::unload_model(app, session, ctx, &id).await,
@@ -396,12 +396,12 @@ async fn route_and_forward(
         }
         Endpoint::AdminEngines => {
             let body = serde_json::json!({"object": "list", "data": app.engines.status()});
-            answer(session, ctx, 200, body.to_string().into_bytes()).await
+            respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
         }
         Endpoint::AdminReloadKeys => admin::reload_keys(app, session, ctx).await,
         Endpoint::AdminUsage => {
             let body = admin::usage_body(app);
-            answer(session, ctx, 200, body).await
+            respond::answer(session, ctx, 200, body).await
         }
         Endpoint::Metrics => {
             let body = app.metrics.render(app);
@@ -435,21 +435,6 @@ async fn route_and_forward(
             proxy_to_model(app, session, ctx, body, field, info.as_ref()).await
         }
     }
-}
-
-async fn answer(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    status: u16,
-    body: Vec<u8>,
-) -> Result<(), GatewayError> {
-    if respond::write_json(session, ctx, status, body, &[])
-        .await
-        .is_err()
-    {
-        ctx.client_gone = true;
-    }
-    Ok(())
 }
 
 /// Rough prompt size before the engine counts it: JSON bytes / 4, the usual

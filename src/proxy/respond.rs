@@ -7,6 +7,20 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+/// Answer a locally served endpoint with JSON; a failed write only marks the
+/// client gone (there is nobody left to tell).
+pub async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    body: Vec<u8>,
+) -> std::result::Result<(), crate::errors::GatewayError> {
+    if write_json(session, ctx, status, body, &[]).await.is_err() {
+        ctx.client_gone = true;
+    }
+    Ok(())
+}
+
 /// Write a complete JSON response (status, body, the filters' headers).
 pub async fn write_json(
     session: &mut Session,
