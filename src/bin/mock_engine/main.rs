@@ -12,6 +12,7 @@ mod sse;
 mod state;
 mod tokens;
 mod wire;
+mod ws;
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -209,7 +210,11 @@ fn spawn_connection(state: Arc<State>, stream: TcpStream) {
         });
         let mut builder = http1::Builder::new();
         builder.keep_alive(true);
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+        if let Err(e) = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades()
+            .await
+        {
             log::debug!("connection ended with error: {e}");
         }
     });

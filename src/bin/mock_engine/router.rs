@@ -22,6 +22,12 @@ static X_MOCK_REQUEST_ID: HeaderName = HeaderName::from_static("x-mock-request-i
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody> {
+    if req.uri().path() == crate::ws::PATH {
+        let mut resp = crate::ws::handle(state.clone(), req);
+        resp.headers_mut()
+            .insert(X_MOCK_INSTANCE.clone(), state.cfg.instance.clone());
+        return resp;
+    }
     let (parts, body) = req.into_parts();
     let route = route(&parts.method, parts.uri.path());
     let guard = match route {

@@ -46,6 +46,9 @@ pub struct Counters {
     pub connections_opened: AtomicU64,
     pub connections_closed: AtomicU64,
     pub health_checks: AtomicU64,
+    pub ws_opened: AtomicU64,
+    pub ws_closed: AtomicU64,
+    pub ws_frames: AtomicU64,
 }
 
 /// What /mock/last-request reports.
@@ -174,6 +177,9 @@ impl State {
             "connections_closed": closed,
             "open_connections": opened.saturating_sub(closed),
             "health_checks": c.health_checks.load(Ordering::Relaxed),
+            "ws_opened": c.ws_opened.load(Ordering::Relaxed),
+            "ws_closed": c.ws_closed.load(Ordering::Relaxed),
+            "ws_frames": c.ws_frames.load(Ordering::Relaxed),
         })
     }
 
