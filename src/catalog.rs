@@ -55,7 +55,7 @@ pub fn list_models(app: &AppState) -> Vec<Value> {
             out.push(entry(alias, target));
         }
     }
-    for engine in app.engines.all() {
+    for engine in app.engines.all().iter() {
         let state = engine.state();
         let port = match state {
             crate::engines::State::Running(a) => Some(a.port()),
@@ -183,7 +183,7 @@ pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
         }
     }
     let mut engines_failed = 0;
-    for engine in app.engines.all() {
+    for engine in app.engines.all().iter() {
         let state = engine.state();
         let port = match state {
             crate::engines::State::Running(a) => {

@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model_stats;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -21,6 +21,11 @@ struct Cli {
     /// with its YAML path, and exit.
     #[arg(long)]
     check: bool,
+    /// Zero-downtime upgrade: take the listening sockets over from the
+    /// running infergate, which hands them over (on `server.upgrade_sock`)
+    /// when it gets SIGQUIT and then drains. See docs/operations.md.
+    #[arg(long, short = 'u')]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -133,7 +138,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match infergate::server::run(config) {
+    // until the reload service listens for SIGHUP, one must not stop us
+    infergate::reload::ignore_sighup_until_ready();
+    let options = infergate::server::RunOptions {
+        config_path: Some(path),
+        upgrade: cli.upgrade,
+    };
+    match infergate::server::run(config, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("infergate: {e}");

@@ -64,8 +64,9 @@ pub struct Metrics {
     backend_in_flight: IntGaugeVec,
     backend_healthy: IntGaugeVec,
     backend_response_time: GaugeVec,
-    /// Model names that may appear as label values.
-    models: HashSet<String>,
+    /// Model names that may appear as label values: every name any config
+    /// (start or reload) declared; only grows, so series never go stale.
+    models: arc_swap::ArcSwap<HashSet<String>>,
 }
 
 /// Methods that get their own label value; anything else is `other`.
@@ -195,7 +196,7 @@ impl Metrics {
                 Opts::new("infergate_backend_response_time_seconds", "Moving average (weight 1/10) of request durations on a backend."),
                 &["pool", "backend"])),
             registry,
-            models,
+            models: arc_swap::ArcSwap::from_pointee(models),
         };
         let build = register!(
             metrics.registry,
@@ -208,10 +209,17 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// Allow the names of a reloaded config as label values (the old ones stay).
+    pub fn add_models(&self, names: impl IntoIterator<Item = String>) {
+        let mut all = HashSet::clone(&self.models.load());
+        all.extend(names);
+        self.models.store(std::sync::Arc::new(all));
+    }
+
     /// `model` if configured, else `other`.
     pub fn model_label<'a>(&self, model: Option<&'a str>) -> &'a str {
         match model {
-            Some(m) if self.models.contains(m) => m,
+            Some(m) if self.models.load().contains(m) => m,
             Some(_) => "other",
             None => "none",
         }
@@ -306,7 +314,7 @@ impl Metrics {
                 self.model_loaded.with_label_values(&[model]).set(loaded);
             }
         }
-        for engine in app.engines.all() {
+        for engine in app.engines.all().iter() {
             let running = i64::from(matches!(engine.state(), crate::engines::State::Running(_)));
             for id in std::iter::once(&engine.spec.name).chain(engine.spec.aliases.keys()) {
                 self.model_loaded.with_label_values(&[id]).set(running);

@@ -53,6 +53,20 @@ impl ModelStats {
         }
     }
 
+    /// The counters for a reloaded config's names: names it keeps keep their
+    /// counts, new names start at zero.
+    pub fn carry(&self, names: impl IntoIterator<Item = String>) -> ModelStats {
+        ModelStats {
+            models: names
+                .into_iter()
+                .map(|n| {
+                    let counters = self.models.get(&n).cloned().unwrap_or_default();
+                    (n, counters)
+                })
+                .collect(),
+        }
+    }
+
     /// Count a request for `model` (configured names only).
     pub fn begin(&self, model: &str) -> Option<ModelGuard> {
         let counters = self.models.get(model)?;

@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::health::Supervisor;
 use crate::proxy::Gateway;
-use crate::state::AppState;
+use crate::state::{AppState, Live};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -21,19 +21,40 @@ fn concrete_listen(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     probe.local_addr()
 }
 
-/// Run until SIGTERM/SIGINT. Never returns normally (Pingora exits the process).
-pub fn run(mut config: Config) -> Result<(), String> {
-    let listen = concrete_listen(config.server.listen)
-        .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
+/// How `infergate` was started.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The config file (reloads read it again).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Take the listening sockets over from a running infergate (`--upgrade`):
+    /// it hands them over when it gets SIGQUIT.
+    pub upgrade: bool,
+}
+
+/// Run until SIGTERM/SIGINT/SIGQUIT. Never returns normally (Pingora exits the process).
+pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
+    // an upgrade takes over sockets that are bound already: no probing
+    let concrete = |addr: SocketAddr| -> Result<SocketAddr, String> {
+        if options.upgrade {
+            if addr.port() == 0 {
+                return Err(format!(
+                    "--upgrade needs fixed ports: {addr} has port 0 (the running gateway's port cannot be known)"
+                ));
+            }
+            return Ok(addr);
+        }
+        concrete_listen(addr).map_err(|e| format!("cannot bind {addr}: {e}"))
+    };
+    let listen = concrete(config.server.listen)?;
+    config.server.listen = listen;
     if let Some(admin) = config.server.admin_listen {
-        let admin = concrete_listen(admin).map_err(|e| format!("cannot bind {admin}: {e}"))?;
-        config.server.admin_listen = Some(admin);
+        config.server.admin_listen = Some(concrete(admin)?);
     }
     if let Some(metrics) = config.server.metrics_listen {
         let same_as_admin = config.server.admin_listen.filter(|a| *a == metrics);
         let metrics = match same_as_admin {
             Some(a) => a,
-            None => concrete_listen(metrics).map_err(|e| format!("cannot bind {metrics}: {e}"))?,
+            None => concrete(metrics)?,
         };
         config.server.metrics_listen = Some(metrics);
     }
@@ -44,75 +65,56 @@ pub fn run(mut config: Config) -> Result<(), String> {
         .filter(|m| Some(*m) != admin_listen);
     let app = AppState::new(config)?;
     if let Some(auth) = &app.auth {
-        if auth.config().watch {
-            let watcher_app = app.clone();
-            auth.spawn_watcher(Box::new(move |outcome| {
-                let result = if outcome.is_ok() {
-                    "success"
-                } else {
-                    "failure"
-                };
-                watcher_app
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["keys", result])
-                    .inc();
-                match outcome {
-                    Ok(report) => {
-                        log::info!(
-                            "keys/users files changed: reloaded {} keys, {} users",
-                            report.keys,
-                            report.users
-                        );
-                        for warning in &report.warnings {
-                            log::warn!("{warning}");
-                        }
-                    }
-                    Err(reason) => {
-                        log::error!(
-                        "keys/users files changed but reloading failed, nothing changed: {reason}"
-                    )
-                    }
-                }
-            }))?;
-        }
+        crate::state::spawn_keys_watcher(auth, app.metrics.clone())?;
     }
     let conf = ServerConf {
         threads: app.config.server.threads,
         grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
+        upgrade_sock: app.config.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
-    if let Some(limits) = app.limits.clone() {
-        // quota-store write failures and the like, reported off the request path
+    let live = Live::new(app, options.config_path.clone());
+    {
+        // quota-store write failures and the like, reported off the request
+        // path; follows reloads
+        let live = live.clone();
         std::thread::Builder::new()
             .name("limits-warnings".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_secs(2));
-                for warning in limits.take_warnings() {
-                    log::warn!("limits: {warning}");
+                if let Some(limits) = live.current().limits.clone() {
+                    for warning in limits.take_warnings() {
+                        log::warn!("limits: {warning}");
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the limits warning thread: {e}"))?;
     }
-    let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let mut proxy =
-        pingora_proxy::http_proxy_service(&server.configuration, Gateway { app: app.clone() });
+        pingora_proxy::http_proxy_service(&server.configuration, Gateway::new(live.clone()));
     proxy.add_tcp(&listen.to_string());
     for side in admin_listen.iter().chain(metrics_listen.iter()) {
         proxy.add_tcp(&side.to_string());
     }
     server.add_service(proxy);
-    if !app.engines.is_empty() {
-        server.add_service(background_service(
-            "engine manager",
-            crate::engines::EngineService {
-                engines: app.engines.clone(),
-            },
-        ));
-    }
-    server.add_service(background_service("pool supervisor", Supervisor { app }));
+    server.add_service(background_service(
+        "engine manager",
+        crate::engines::EngineService {
+            engines: live.current().engines.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "config reloader",
+        crate::reload::Reloader { live: live.clone() },
+    ));
+    server.add_service(background_service("pool supervisor", Supervisor { live }));
     // the main listener's line first: scripts read the first line
     let mut announce = vec![(listen, "")];
     announce.extend(admin_listen.map(|a| (a, "admin ")));

@@ -1,4 +1,13 @@
-//! Everything a request needs, built once from a validated config.
+//! Everything a request needs, built from a validated config, and the
+//! reload that replaces it.
+//!
+//! An [`AppState`] is one *generation*: the config and what is built from it
+//! (pools, filter chain, auth, limits), plus handles to the process-wide
+//! parts every generation shares (metrics, access log, engines, GPU monitor,
+//! upstream connection pool). [`Live`] holds the current generation; a
+//! request takes it once when it starts and keeps it to the end, so
+//! in-flight requests finish on the config they started with while new
+//! requests see the reloaded one.
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
@@ -7,13 +16,19 @@ use crate::gpu::GpuMonitor;
 use crate::metrics::Metrics;
 use crate::model_stats::ModelStats;
 use crate::routing::Router;
+use arc_swap::ArcSwap;
 use infergate_filters::auth::Auth;
 use infergate_filters::limits::Limits;
+use infergate_filters::registry::Previous;
 use infergate_filters::Chain;
 use pingora_core::connectors::http::v1::Connector;
+use serde::Serialize;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct AppState {
+    /// 1 at start, +1 per successful reload.
+    pub generation: u64,
     pub config: Config,
     pub router: Router,
     pub chain: Chain,
@@ -21,11 +36,12 @@ pub struct AppState {
     pub auth: Option<Arc<Auth>>,
     /// The `limits` filter's state, for `/admin/usage`.
     pub limits: Option<Arc<Limits>>,
-    /// Pooled HTTP/1.1 connections to engines (vLLM, SGLang, llama.cpp speak HTTP/1.1).
-    pub connector: Connector,
+    /// Pooled HTTP/1.1 connections to engines (vLLM, SGLang, llama.cpp speak
+    /// HTTP/1.1); shared by every generation, so a reload keeps them warm.
+    pub connector: Arc<Connector>,
     pub started_at: std::time::SystemTime,
-    pub metrics: Metrics,
-    pub access_log: AccessLog,
+    pub metrics: Arc<Metrics>,
+    pub access_log: Arc<AccessLog>,
     pub models: ModelStats,
     pub gpu: Arc<GpuMonitor>,
     /// Engine processes infergate manages (none without `engines:`).
@@ -33,7 +49,21 @@ pub struct AppState {
     /// Set when a graceful shutdown starts (SIGTERM) to the moment open
     /// responses must end (just before `server.grace_period` runs out);
     /// readiness turns 503 at once.
-    pub draining: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+    pub draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
+}
+
+/// Every name a client may use for a model in this config.
+fn model_names(config: &Config) -> Vec<String> {
+    config
+        .pools
+        .iter()
+        .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
+        .chain(config.engines.models.iter().flat_map(|m| {
+            std::iter::once(m.name.clone())
+                .chain(m.aliases.keys().cloned())
+                .chain(m.lora.iter().map(|(n, _)| n.clone()))
+        }))
+        .collect()
 }
 
 impl AppState {
@@ -43,19 +73,7 @@ impl AppState {
         for warning in &built.warnings {
             log::warn!("{warning}");
         }
-        let chain = built.chain;
-        let auth = built.auth;
-        let limits = built.limits;
-        let names: Vec<String> = config
-            .pools
-            .iter()
-            .flat_map(|p| p.models.iter().chain(p.aliases.keys()).cloned())
-            .chain(config.engines.models.iter().flat_map(|m| {
-                std::iter::once(m.name.clone())
-                    .chain(m.aliases.keys().cloned())
-                    .chain(m.lora.iter().map(|(n, _)| n.clone()))
-            }))
-            .collect();
+        let names = model_names(&config);
         let gpu = GpuMonitor::start();
         let engines = Arc::new(Engines::new(config.engines.clone(), gpu.clone()));
         let metrics = Metrics::new(names.iter().cloned().collect())
@@ -63,19 +81,318 @@ impl AppState {
         let access_log = AccessLog::start(config.access_log.clone())
             .map_err(|e| format!("cannot start the access log: {e}"))?;
         Ok(Arc::new(AppState {
+            generation: 1,
             router,
-            chain,
-            auth,
-            limits,
-            connector: Connector::new(None),
+            chain: built.chain,
+            auth: built.auth,
+            limits: built.limits,
+            connector: Arc::new(Connector::new(None)),
             config,
             started_at: std::time::SystemTime::now(),
-            metrics,
-            access_log,
+            metrics: Arc::new(metrics),
+            access_log: Arc::new(access_log),
             models: ModelStats::new(names),
             engines,
             gpu,
-            draining: tokio::sync::watch::Sender::new(None),
+            draining: Arc::new(tokio::sync::watch::Sender::new(None)),
         }))
     }
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub generation: u64,
+    /// What changed, one line each (empty: the file was the same).
+    pub changes: Vec<String>,
+    /// Settings that differ but need a restart; they keep their running
+    /// values until then.
+    pub restart_required: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The current generation and how to replace it.
+pub struct Live {
+    current: ArcSwap<AppState>,
+    /// The file the config came from (`None`: built in code; reload refuses).
+    pub config_path: Option<PathBuf>,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// The generation number, bumped after every successful reload (the
+    /// pool supervisor follows it).
+    pub reloaded: tokio::sync::watch::Sender<u64>,
+}
+
+impl Live {
+    pub fn new(app: Arc<AppState>, config_path: Option<PathBuf>) -> Arc<Live> {
+        let generation = app.generation;
+        Arc::new(Live {
+            current: ArcSwap::new(app),
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloaded: tokio::sync::watch::Sender::new(generation),
+        })
+    }
+
+    /// The generation new requests use.
+    pub fn current(&self) -> Arc<AppState> {
+        self.current.load_full()
+    }
+
+    /// Read the config file again and apply it. The new file is validated
+    /// completely (schema, values, filter files, pools) before anything
+    /// changes; on `Err` nothing changed. Counted in
+    /// `infergate_config_reloads_total{kind="config"}` and logged.
+    pub async fn reload(&self, trigger: &str) -> Result<ReloadReport, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.current();
+        let outcome = self.build_next(&old).await;
+        let result = if outcome.is_ok() {
+            "success"
+        } else {
+            "failure"
+        };
+        old.metrics
+            .config_reloads
+            .with_label_values(&["config", result])
+            .inc();
+        match outcome {
+            Ok((next, report)) => {
+                self.current.store(next);
+                self.reloaded.send_replace(report.generation);
+                if report.changes.is_empty() {
+                    log::info!(
+                        "config reloaded ({trigger}): generation {}, nothing changed",
+                        report.generation
+                    );
+                } else {
+                    log::info!(
+                        "config reloaded ({trigger}): generation {}: {}",
+                        report.generation,
+                        report.changes.join("; ")
+                    );
+                }
+                for key in &report.restart_required {
+                    log::warn!("config reload ({trigger}): `{key}` changed but needs a restart; the running value stays until then");
+                }
+                for warning in &report.warnings {
+                    log::warn!("{warning}");
+                }
+                Ok(report)
+            }
+            Err(reason) => {
+                log::error!("config reload ({trigger}) failed, nothing changed: {reason}");
+                Err(reason)
+            }
+        }
+    }
+
+    async fn build_next(
+        &self,
+        old: &Arc<AppState>,
+    ) -> Result<(Arc<AppState>, ReloadReport), String> {
+        let Some(path) = &self.config_path else {
+            return Err("the gateway was not started from a config file".to_string());
+        };
+        let mut config = crate::config::load_file(path).map_err(|errors| {
+            let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            format!("{}: {}", path.display(), all.join("; "))
+        })?;
+        let mut restart_required = Vec::new();
+        keep_restart_only(&old.config, &mut config, &mut restart_required);
+        let mut changes = describe_changes(&old.config, &config);
+
+        // everything that can fail, before anything changes
+        let router = Router::rebuild(&config, &old.router)
+            .map_err(|e| format!("cannot build pools: {e}"))?;
+        let built = infergate_filters::registry::build_with(
+            &config.filters,
+            Previous {
+                auth: old.auth.as_ref(),
+                limits: old.limits.as_ref(),
+            },
+        )?;
+        let mut warnings = built.warnings;
+        // new or changed pools get their first health check before they take
+        // traffic (a backend routes only after a passing check)
+        for pool in router.pools() {
+            if old.router.pools().iter().any(|p| Arc::ptr_eq(p, pool)) {
+                continue;
+            }
+            if let Err(e) = pool.load_backends().await {
+                return Err(format!(
+                    "pool {}: loading backends failed: {e}",
+                    pool.name()
+                ));
+            }
+            pool.check_health().await;
+            if pool.healthy_count() == 0 {
+                warnings.push(format!(
+                    "pool `{}` has no healthy backend after its first health check",
+                    pool.name()
+                ));
+            }
+        }
+        router.carry_discovered(&old.router);
+        if let Some(auth) = &built.auth {
+            if !old.auth.as_ref().is_some_and(|a| Arc::ptr_eq(a, auth)) {
+                spawn_keys_watcher(auth, old.metrics.clone())?;
+            }
+        }
+
+        // applied from here on: nothing below fails
+        let (engine_changes, engine_restart) = old.engines.reconcile(&config.engines);
+        changes.extend(engine_changes);
+        restart_required.extend(engine_restart);
+        let names = model_names(&config);
+        old.metrics.add_models(names.iter().cloned());
+        let generation = old.generation + 1;
+        let next = Arc::new(AppState {
+            generation,
+            router,
+            chain: built.chain,
+            auth: built.auth,
+            limits: built.limits,
+            connector: old.connector.clone(),
+            config,
+            started_at: old.started_at,
+            metrics: old.metrics.clone(),
+            access_log: old.access_log.clone(),
+            models: old.models.carry(names),
+            gpu: old.gpu.clone(),
+            engines: old.engines.clone(),
+            draining: old.draining.clone(),
+        });
+        Ok((
+            next,
+            ReloadReport {
+                generation,
+                changes,
+                restart_required,
+                warnings,
+            },
+        ))
+    }
+}
+
+/// Settings a running process cannot change (listeners, threads, the grace
+/// period Pingora was given, the access log's open file) keep their running
+/// values; each one that differs is reported.
+fn keep_restart_only(old: &Config, new: &mut Config, report: &mut Vec<String>) {
+    let (o, n) = (&old.server, &mut new.server);
+    // port 0 was resolved to a concrete port at start
+    let same_addr = |running: std::net::SocketAddr, file: std::net::SocketAddr| {
+        running == file || (file.port() == 0 && running.ip() == file.ip())
+    };
+    if !same_addr(o.listen, n.listen) {
+        report.push("server.listen".into());
+    }
+    n.listen = o.listen;
+    let same_side = match (o.admin_listen, n.admin_listen) {
+        (Some(a), Some(b)) => same_addr(a, b),
+        (a, b) => a == b,
+    };
+    if !same_side {
+        report.push("server.admin_listen".into());
+    }
+    n.admin_listen = o.admin_listen;
+    let same_side = match (o.metrics_listen, n.metrics_listen) {
+        (Some(a), Some(b)) => same_addr(a, b),
+        (a, b) => a == b,
+    };
+    if !same_side {
+        report.push("server.metrics_listen".into());
+    }
+    n.metrics_listen = o.metrics_listen;
+    if o.threads != n.threads {
+        report.push("server.threads".into());
+        n.threads = o.threads;
+    }
+    if o.grace_period != n.grace_period {
+        report.push("server.grace_period".into());
+        n.grace_period = o.grace_period;
+    }
+    if o.watch_config != n.watch_config {
+        report.push("server.watch_config".into());
+        n.watch_config = o.watch_config;
+    }
+    if o.upgrade_sock != n.upgrade_sock {
+        report.push("server.upgrade_sock".into());
+        n.upgrade_sock = o.upgrade_sock.clone();
+    }
+    if old.access_log != new.access_log {
+        report.push("access_log".into());
+        new.access_log = old.access_log.clone();
+    }
+}
+
+/// One line per changed pool and section (engines report their own).
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for pool in &new.pools {
+        match old.pools.iter().find(|p| p.name == pool.name) {
+            None => out.push(format!("pool `{}` added", pool.name)),
+            Some(was) if was != pool => out.push(format!("pool `{}` changed", pool.name)),
+            Some(_) => {}
+        }
+    }
+    for pool in &old.pools {
+        if !new.pools.iter().any(|p| p.name == pool.name) {
+            out.push(format!("pool `{}` removed", pool.name));
+        }
+    }
+    let sections = [
+        ("filters", old.filters != new.filters),
+        ("timeouts", old.timeouts != new.timeouts),
+        ("upstream", old.upstream != new.upstream),
+        ("routing", old.routing != new.routing),
+        (
+            "server.max_request_body_bytes",
+            old.server.max_request_body_bytes != new.server.max_request_body_bytes,
+        ),
+        (
+            "server.ready_requires_backend",
+            old.server.ready_requires_backend != new.server.ready_requires_backend,
+        ),
+    ];
+    for (name, changed) in sections {
+        if changed {
+            out.push(format!("{name} changed"));
+        }
+    }
+    out
+}
+
+/// Reload the keys/users files when they change (`auth.watch: true`),
+/// counting each outcome. The watcher ends with its `Auth`: the closure holds
+/// only the metrics, never the generation.
+pub fn spawn_keys_watcher(auth: &Arc<Auth>, metrics: Arc<Metrics>) -> Result<(), String> {
+    auth.spawn_watcher(Box::new(move |outcome| {
+        let result = if outcome.is_ok() {
+            "success"
+        } else {
+            "failure"
+        };
+        metrics
+            .config_reloads
+            .with_label_values(&["keys", result])
+            .inc();
+        match outcome {
+            Ok(report) => {
+                log::info!(
+                    "keys/users files changed: reloaded {} keys, {} users",
+                    report.keys,
+                    report.users
+                );
+                for warning in &report.warnings {
+                    log::warn!("{warning}");
+                }
+            }
+            Err(reason) => {
+                log::error!(
+                    "keys/users files changed but reloading failed, nothing changed: {reason}"
+                )
+            }
+        }
+    }))
 }

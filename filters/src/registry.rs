@@ -109,8 +109,24 @@ pub struct Built {
     pub limits: Option<Arc<Limits>>,
 }
 
+/// What a config reload may keep from the running chain.
+#[derive(Default, Clone, Copy)]
+pub struct Previous<'a> {
+    pub auth: Option<&'a Arc<Auth>>,
+    pub limits: Option<&'a Arc<Limits>>,
+}
+
 /// Build the chain; loading a filter's files may fail (`Err` says which and why).
 pub fn build(configs: &[FilterConfig]) -> Result<Built, String> {
+    build_with(configs, Previous::default())
+}
+
+/// Build the chain for a reloaded config, keeping state where the config
+/// allows: an `auth` filter with an unchanged config keeps its `Auth` (its
+/// files are read again, its watcher keeps running); a `limits` filter with
+/// an unchanged config keeps its counters, and one with a changed config
+/// keeps the quota store when `data_dir` is the same.
+pub fn build_with(configs: &[FilterConfig], previous: Previous<'_>) -> Result<Built, String> {
     let mut filters: Vec<Box<dyn Filter>> = Vec::with_capacity(configs.len());
     let mut warnings = Vec::new();
     let mut auth = None;
@@ -120,14 +136,27 @@ pub fn build(configs: &[FilterConfig]) -> Result<Built, String> {
             FilterConfig::RequestId(cfg) => filters.push(Box::new(RequestId::new(cfg.clone()))),
             FilterConfig::Cors(cfg) => filters.push(Box::new(Cors::new(cfg.clone()))),
             FilterConfig::Auth(cfg) => {
-                let (built, mut loaded) = Auth::new(cfg.clone())?;
-                warnings.append(&mut loaded);
-                let built = Arc::new(built);
+                let built = match previous.auth.filter(|a| a.config() == cfg) {
+                    Some(same) => {
+                        let mut report = same.reload()?;
+                        warnings.append(&mut report.warnings);
+                        same.clone()
+                    }
+                    None => {
+                        let (built, mut loaded) = Auth::new(cfg.clone())?;
+                        warnings.append(&mut loaded);
+                        Arc::new(built)
+                    }
+                };
                 filters.push(Box::new(AuthFilter(built.clone())));
                 auth = Some(built);
             }
             FilterConfig::Limits(cfg) => {
-                let built = Arc::new(Limits::new(cfg.clone())?);
+                let built = match previous.limits {
+                    Some(same) if same.config() == cfg => same.clone(),
+                    Some(old) => Arc::new(Limits::reconfigured(cfg.clone(), old)?),
+                    None => Arc::new(Limits::new(cfg.clone())?),
+                };
                 filters.push(Box::new(LimitsFilter(built.clone())));
                 limits = Some(built);
             }

@@ -63,22 +63,28 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `/health/ready` answers 503 while no backend takes traffic.
     pub ready_requires_backend: bool,
+    /// Reload the config file by itself when its content changes (polled
+    /// every second; follows symlinks, so ConfigMap `..data` swaps count).
+    pub watch_config: bool,
+    /// The Unix socket a zero-downtime upgrade (`--upgrade` + SIGQUIT) hands
+    /// the listening sockets over on.
+    pub upgrade_sock: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
     pub first_byte: Duration,
     pub idle: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamConfig {
     pub keepalive_idle: Duration,
     pub max_connect_attempts: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
     pub default_pool: Option<String>,
     pub models_refresh_interval: Duration,
@@ -107,7 +113,7 @@ pub struct BackendConfig {
     pub weight: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     pub path: String,
     pub interval: Duration,
@@ -116,7 +122,7 @@ pub struct HealthCheckConfig {
     pub healthy_after: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     pub name: String,
     pub models: Vec<String>,

@@ -17,6 +17,8 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub ready_requires_backend: Option<bool>,
+    pub watch_config: Option<bool>,
+    pub upgrade_sock: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

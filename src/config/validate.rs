@@ -224,6 +224,10 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
                 .ok()
         }),
         ready_requires_backend: raw.ready_requires_backend.unwrap_or(true),
+        watch_config: raw.watch_config.unwrap_or(false),
+        upgrade_sock: raw
+            .upgrade_sock
+            .unwrap_or_else(|| "/tmp/infergate-upgrade.sock".to_string()),
         metrics_listen: raw.metrics_listen.and_then(|text| {
             resolve(&text)
                 .map_err(|e| errs.push("server.metrics_listen", e))

@@ -180,7 +180,7 @@ impl EngineKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManagedModel {
     pub name: String,
     pub kind: EngineKind,
@@ -203,7 +203,7 @@ pub struct ManagedModel {
     pub enable_lora: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EnginesConfig {
     pub ports: (u16, u16),
     pub log_dir: PathBuf,

@@ -136,6 +136,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Engine {
+    fn new(spec: &ManagedModel) -> Arc<Engine> {
+        Arc::new(Engine {
+            spec: spec.clone(),
+            state: watch::Sender::new(State::Stopped),
+            admitted: std::sync::atomic::AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            last_used_ms: AtomicU64::new(now_ms()),
+            failures: AtomicU32::new(0),
+            restarts: AtomicU32::new(0),
+            started: Mutex::new(None),
+            last_error: Mutex::new(None),
+            pid: AtomicU32::new(0),
+            port: Mutex::new(None),
+            adapters: Mutex::new(spec.lora.clone()),
+        })
+    }
+
     fn touch(&self) {
         self.last_used_ms.store(now_ms(), Ordering::Relaxed);
     }
@@ -191,8 +208,15 @@ pub struct EngineStatus {
 }
 
 pub struct Engines {
+    /// The settings that need a restart (ports, logs, GPU source...); the
+    /// `models` here are those of the start, see [`Engines::all`] for the
+    /// current ones.
     pub config: EnginesConfig,
-    engines: Vec<Arc<Engine>>,
+    /// The current engine definitions; replaced by [`Engines::reconcile`].
+    engines: arc_swap::ArcSwap<Vec<Arc<Engine>>>,
+    /// Engines removed or redefined by a reload that are still draining or
+    /// stopping: they keep their GPU memory until stopped.
+    retiring: Mutex<Vec<Arc<Engine>>>,
     free_ports: Mutex<BTreeSet<u16>>,
     gpu: Arc<GpuMonitor>,
     /// Serializes GPU admission so two starts do not count the same free memory.
@@ -201,30 +225,12 @@ pub struct Engines {
 
 impl Engines {
     pub fn new(config: EnginesConfig, gpu: Arc<GpuMonitor>) -> Engines {
-        let engines = config
-            .models
-            .iter()
-            .map(|spec| {
-                Arc::new(Engine {
-                    spec: spec.clone(),
-                    state: watch::Sender::new(State::Stopped),
-                    admitted: std::sync::atomic::AtomicBool::new(false),
-                    in_flight: AtomicU64::new(0),
-                    last_used_ms: AtomicU64::new(now_ms()),
-                    failures: AtomicU32::new(0),
-                    restarts: AtomicU32::new(0),
-                    started: Mutex::new(None),
-                    last_error: Mutex::new(None),
-                    pid: AtomicU32::new(0),
-                    port: Mutex::new(None),
-                    adapters: Mutex::new(spec.lora.clone()),
-                })
-            })
-            .collect();
+        let engines = config.models.iter().map(Engine::new).collect();
         let (lo, hi) = config.ports;
         Engines {
             free_ports: Mutex::new((lo..=hi).collect()),
-            engines,
+            engines: arc_swap::ArcSwap::from_pointee(engines),
+            retiring: Mutex::new(Vec::new()),
             config,
             gpu,
             admission: tokio::sync::Mutex::new(()),
@@ -232,14 +238,118 @@ impl Engines {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.engines.is_empty()
+        self.engines.load().is_empty()
     }
 
     /// The engine serving `model`: its name, an alias or one of its LoRA adapters.
-    pub fn find(&self, model: &str) -> Option<&Arc<Engine>> {
-        self.engines.iter().find(|e| {
-            e.spec.name == model || e.spec.aliases.contains_key(model) || e.serves_adapter(model)
-        })
+    pub fn find(&self, model: &str) -> Option<Arc<Engine>> {
+        self.engines
+            .load()
+            .iter()
+            .find(|e| {
+                e.spec.name == model
+                    || e.spec.aliases.contains_key(model)
+                    || e.serves_adapter(model)
+            })
+            .cloned()
+    }
+
+    /// Current engines plus those a reload retired that are still stopping
+    /// (GPU accounting counts both).
+    fn everyone(&self) -> Vec<Arc<Engine>> {
+        let mut all: Vec<Arc<Engine>> = self.engines.load().iter().cloned().collect();
+        all.extend(lock(&self.retiring).iter().cloned());
+        all
+    }
+
+    /// Apply a reloaded `engines:` section. Unchanged definitions keep their
+    /// engine (and its process) untouched; a changed definition gets a new
+    /// engine, and the old one drains and stops (if it was running or
+    /// starting, the new one is started right away); a removed one drains and
+    /// stops; an added one starts on its first request (or now, `preload`).
+    /// Settings other than `models` need a restart: they are returned, not
+    /// applied. Returns (changes, restart-only settings that differ).
+    pub fn reconcile(self: &Arc<Self>, new: &EnginesConfig) -> (Vec<String>, Vec<String>) {
+        let mut restart_only = Vec::new();
+        let old = &self.config;
+        let global = [
+            ("engines.ports", old.ports != new.ports),
+            ("engines.log_dir", old.log_dir != new.log_dir),
+            (
+                "engines.log_max_bytes",
+                old.log_max_bytes != new.log_max_bytes,
+            ),
+            (
+                "engines.log_max_files",
+                old.log_max_files != new.log_max_files,
+            ),
+            ("engines.stop_grace", old.stop_grace != new.stop_grace),
+            ("engines.on_exit", old.on_exit != new.on_exit),
+            ("engines.python", old.python != new.python),
+            ("engines.gpu", old.gpu != new.gpu),
+        ];
+        for (key, differs) in global {
+            if differs {
+                restart_only.push(key.to_string());
+            }
+        }
+        let current = self.engines.load_full();
+        let mut changes = Vec::new();
+        let mut next = Vec::with_capacity(new.models.len());
+        let mut start_now = Vec::new();
+        let mut retire = Vec::new();
+        for spec in &new.models {
+            match current.iter().find(|e| e.spec.name == spec.name) {
+                Some(engine) if engine.spec == *spec => next.push(engine.clone()),
+                Some(engine) => {
+                    let fresh = Engine::new(spec);
+                    let was_up = matches!(engine.state(), State::Running(_) | State::Starting);
+                    if was_up || spec.preload {
+                        start_now.push(fresh.clone());
+                    }
+                    changes.push(format!("engine `{}` changed: restarting", spec.name));
+                    retire.push(engine.clone());
+                    next.push(fresh);
+                }
+                None => {
+                    let fresh = Engine::new(spec);
+                    if spec.preload {
+                        start_now.push(fresh.clone());
+                    }
+                    changes.push(format!("engine `{}` added", spec.name));
+                    next.push(fresh);
+                }
+            }
+        }
+        for engine in current.iter() {
+            if !new.models.iter().any(|m| m.name == engine.spec.name) {
+                changes.push(format!("engine `{}` removed: draining", engine.spec.name));
+                retire.push(engine.clone());
+            }
+        }
+        if changes.is_empty() {
+            return (changes, restart_only);
+        }
+        lock(&self.retiring).extend(retire.iter().cloned());
+        self.engines.store(Arc::new(next));
+        for engine in retire {
+            let me = self.clone();
+            let fresh = start_now
+                .iter()
+                .position(|e| e.spec.name == engine.spec.name)
+                .map(|i| start_now.remove(i));
+            tokio::spawn(async move {
+                me.unload(&engine).await;
+                lock(&me.retiring).retain(|e| !Arc::ptr_eq(e, &engine));
+                if let Some(fresh) = fresh {
+                    me.start_in_background(fresh);
+                }
+            });
+        }
+        for engine in start_now {
+            self.clone().start_in_background(engine);
+        }
+        (changes, restart_only)
     }
 
     /// `POST /admin/models/{base}/lora`: load an adapter into the running
@@ -306,8 +416,9 @@ impl Engines {
         Ok(())
     }
 
-    pub fn all(&self) -> &[Arc<Engine>] {
-        &self.engines
+    /// The current engines (a snapshot: a reload may replace the list).
+    pub fn all(&self) -> Arc<Vec<Arc<Engine>>> {
+        self.engines.load_full()
     }
 
     /// A running engine's address for one request, starting it if needed
@@ -411,8 +522,8 @@ impl Engines {
                 engine.admitted.store(true, Ordering::Release);
                 return Ok(());
             };
-            let mut candidates: Vec<&Arc<Engine>> = self
-                .engines
+            let everyone = self.everyone();
+            let mut candidates: Vec<&Arc<Engine>> = everyone
                 .iter()
                 .filter(|e| {
                     !Arc::ptr_eq(e, engine)
@@ -458,7 +569,7 @@ impl Engines {
                     };
                     // engines still starting have not allocated yet
                     let pending: u64 = self
-                        .engines
+                        .everyone()
                         .iter()
                         .filter(|e| {
                             !std::ptr::eq(e.as_ref(), engine)
@@ -480,7 +591,7 @@ impl Engines {
 
     /// Declared memory of the other engines that hold `gpu`.
     fn declared_use(&self, gpu: u32, except: &Engine) -> u64 {
-        self.engines
+        self.everyone()
             .iter()
             .filter(|e| {
                 !std::ptr::eq(e.as_ref(), except)
@@ -744,7 +855,7 @@ impl Engines {
 
     /// Idle TTLs, preloads; runs until shutdown, then stops every engine.
     pub async fn supervise(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        for engine in &self.engines {
+        for engine in self.engines.load().iter() {
             if engine.spec.preload {
                 self.clone().start_in_background(engine.clone());
             }
@@ -754,7 +865,7 @@ impl Engines {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => break,
             }
-            for engine in &self.engines {
+            for engine in self.engines.load_full().iter() {
                 let Some(ttl) = engine.spec.idle_ttl else {
                     continue;
                 };
@@ -782,7 +893,7 @@ impl Engines {
             return;
         }
         let mut stops = tokio::task::JoinSet::new();
-        for engine in &self.engines {
+        for engine in self.everyone() {
             let (me, engine) = (self.clone(), engine.clone());
             stops.spawn(async move { me.unload(&engine).await });
         }
@@ -792,6 +903,7 @@ impl Engines {
     pub fn status(&self) -> Vec<EngineStatus> {
         let snapshot = self.gpu.snapshot();
         self.engines
+            .load()
             .iter()
             .map(|e| {
                 let state = e.state();

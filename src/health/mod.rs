@@ -6,55 +6,94 @@
 
 mod discovery;
 
-use crate::state::AppState;
+use crate::routing::Pool;
+use crate::state::Live;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::sync::Arc;
+use tokio::task::JoinHandle;
 
 pub struct Supervisor {
-    pub app: Arc<AppState>,
+    pub live: Arc<Live>,
+}
+
+/// One health-check task per pool of the current generation; after a reload,
+/// pools that were kept keep their task, new pools get one (the reload
+/// already ran their first check), dropped pools' tasks stop.
+fn reconcile_checks(live: &Live, tasks: &mut Vec<(Arc<Pool>, JoinHandle<()>)>) {
+    let app = live.current();
+    let pools = app.router.pools();
+    tasks.retain(|(pool, task)| {
+        let kept = pools.iter().any(|p| Arc::ptr_eq(p, pool));
+        if !kept {
+            task.abort();
+        }
+        kept
+    });
+    for pool in pools {
+        if tasks.iter().any(|(p, _)| Arc::ptr_eq(p, pool)) {
+            continue;
+        }
+        let checked = pool.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(checked.config.health_check.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                checked.check_health().await;
+            }
+        });
+        tasks.push((pool.clone(), task));
+    }
 }
 
 #[async_trait]
 impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tasks = Vec::new();
-        for pool in self.app.router.pools() {
+        let app = self.live.current();
+        for pool in app.router.pools() {
             if let Err(e) = pool.load_backends().await {
                 log::error!("pool {}: loading backends failed: {e}", pool.name());
             }
-            let pool = pool.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(pool.config.health_check.interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    pool.check_health().await;
-                }
-            }));
         }
-        let app = self.app.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(app.config.routing.models_refresh_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checks = Vec::new();
+        reconcile_checks(&self.live, &mut checks);
+        let live = self.live.clone();
+        let discovery = tokio::spawn(async move {
             loop {
-                tick.tick().await;
+                let app = live.current();
                 discovery::refresh(&app).await;
+                let interval = app.config.routing.models_refresh_interval;
+                drop(app);
+                tokio::time::sleep(interval).await;
             }
-        }));
-        let _ = shutdown.changed().await;
+        });
+        let mut reloaded = self.live.reloaded.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                changed = reloaded.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    reconcile_checks(&self.live, &mut checks);
+                }
+            }
+        }
+        let app = self.live.current();
         log::info!(
             "graceful shutdown: draining; open requests have until the end of the {} s grace period",
-            self.app.config.server.grace_period.as_secs()
+            app.config.server.grace_period.as_secs()
         );
-        let grace = self.app.config.server.grace_period;
+        let grace = app.config.server.grace_period;
         // leave time to write the error before Pingora stops the runtime
         let margin = std::time::Duration::from_secs(1).min(grace / 2);
-        self.app.draining.send_replace(Some(
+        app.draining.send_replace(Some(
             tokio::time::Instant::now() + grace.saturating_sub(margin),
         ));
-        for task in tasks {
+        discovery.abort();
+        for (_, task) in checks {
             task.abort();
         }
     }

@@ -4,7 +4,7 @@
 use super::ctx::RequestCtx;
 use super::{read_body, respond};
 use crate::errors::GatewayError;
-use crate::state::AppState;
+use crate::state::{AppState, Live};
 use infergate_filters::Rejection;
 use pingora_proxy::Session;
 use serde::Deserialize;
@@ -130,6 +130,34 @@ pub async fn reload_keys(
     }
 }
 
+/// `POST /admin/reload`: read the config file again and apply it (the same
+/// as SIGHUP). 200 with what changed; 422 `reload_failed` with the reason
+/// when the file is bad (nothing changes).
+pub async fn reload_config(
+    live: &Live,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), GatewayError> {
+    match live.reload("POST /admin/reload").await {
+        Ok(report) => {
+            let body = json!({
+                "success": true,
+                "generation": report.generation,
+                "changes": report.changes,
+                "restart_required": report.restart_required,
+                "warnings": report.warnings,
+            });
+            respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
+        }
+        Err(reason) => Err(GatewayError::rejected(Rejection::new(
+            422,
+            "invalid_request_error",
+            "reload_failed",
+            format!("Nothing was changed: {reason}"),
+        ))),
+    }
+}
+
 fn unknown_engine(id: &str) -> GatewayError {
     GatewayError::rejected(Rejection {
         param: Some("model_id"),
@@ -156,7 +184,7 @@ pub async fn load_model(
     ctx: &mut RequestCtx,
     id: &str,
 ) -> Result<(), GatewayError> {
-    let Some(engine) = app.engines.find(id).cloned() else {
+    let Some(engine) = app.engines.find(id) else {
         return Err(unknown_engine(id));
     };
     let address = app
@@ -181,7 +209,7 @@ pub async fn unload_model(
     ctx: &mut RequestCtx,
     id: &str,
 ) -> Result<(), GatewayError> {
-    let Some(engine) = app.engines.find(id).cloned() else {
+    let Some(engine) = app.engines.find(id) else {
         return Err(unknown_engine(id));
     };
     app.engines.unload(&engine).await;
@@ -231,7 +259,7 @@ pub async fn load_lora(
     ctx: &mut RequestCtx,
     base: &str,
 ) -> Result<(), GatewayError> {
-    let Some(engine) = app.engines.find(base).cloned() else {
+    let Some(engine) = app.engines.find(base) else {
         return Err(unknown_engine(base));
     };
     let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
@@ -261,7 +289,7 @@ pub async fn unload_lora(
     base: &str,
     name: &str,
 ) -> Result<(), GatewayError> {
-    let Some(engine) = app.engines.find(base).cloned() else {
+    let Some(engine) = app.engines.find(base) else {
         return Err(unknown_engine(base));
     };
     app.engines

@@ -24,6 +24,7 @@ pub enum Endpoint {
     Login,
     /// `POST /admin/reload-keys`: reload the API keys and users files.
     AdminReloadKeys,
+    AdminReload,
     /// `GET /admin/usage`: each principal's quota, usage and in-flight requests.
     AdminUsage,
     /// `GET /metrics`: Prometheus exposition.
@@ -55,6 +56,7 @@ impl Endpoint {
             Endpoint::OtherV1 => "other",
             Endpoint::Login => "login",
             Endpoint::AdminReloadKeys => "admin_reload_keys",
+            Endpoint::AdminReload => "admin_reload",
             Endpoint::AdminUsage => "admin_usage",
             Endpoint::Metrics => "metrics",
             Endpoint::AdminModelLoad(_) => "admin_model_load",
@@ -74,6 +76,7 @@ impl Endpoint {
             | Endpoint::OtherV1 => Access::Api,
             Endpoint::Login => Access::Login,
             Endpoint::AdminReloadKeys
+            | Endpoint::AdminReload
             | Endpoint::AdminUsage
             | Endpoint::AdminModelLoad(_)
             | Endpoint::AdminModelUnload(_)
@@ -142,6 +145,12 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
         "/user/user_login" => {
             return match method {
                 "POST" => Ok(Endpoint::Login),
+                _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
+            }
+        }
+        "/admin/reload" => {
+            return match method {
+                "POST" => Ok(Endpoint::AdminReload),
                 _ => Err(GatewayError::MethodNotAllowed { allow: "POST" }),
             }
         }

@@ -25,7 +25,7 @@ use crate::body::{apply_edits, include_usage_edit, inspect, model_edit, BodyInfo
 use crate::catalog;
 use crate::errors::GatewayError;
 use crate::metrics::Finished;
-use crate::state::AppState;
+use crate::state::{AppState, Live};
 use async_trait::async_trait;
 use bytes::Bytes;
 use infergate_filters::limits::Usage;
@@ -38,7 +38,21 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 pub struct Gateway {
-    pub app: Arc<AppState>,
+    live: Arc<Live>,
+    /// Shared by every generation (the `logging` hook needs no generation).
+    metrics: Arc<crate::metrics::Metrics>,
+    access_log: Arc<crate::access_log::AccessLog>,
+}
+
+impl Gateway {
+    pub fn new(live: Arc<Live>) -> Gateway {
+        let app = live.current();
+        Gateway {
+            metrics: app.metrics.clone(),
+            access_log: app.access_log.clone(),
+            live,
+        }
+    }
 }
 
 #[async_trait]
@@ -55,11 +69,13 @@ impl ProxyHttp for Gateway {
         // its next request meanwhile; with pipelining on, Pingora keeps those
         // bytes for the next request instead of dropping them.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // The config this request runs on to its end, whatever reloads happen.
+        let app = self.live.current();
         // A client that stops reading must not pin an engine forever.
-        session.set_write_timeout(Some(self.app.config.timeouts.idle));
-        self.app.metrics.http_active.inc();
+        session.set_write_timeout(Some(app.config.timeouts.idle));
+        self.metrics.http_active.inc();
         ctx.counted_active = true;
-        handle(&self.app, session, ctx).await;
+        handle(&self.live, &app, session, ctx).await;
         if ctx.client_gone || !session.is_body_done() {
             // the client left, a write failed, or we answered without draining
             // the body: the connection cannot be reused
@@ -84,14 +100,14 @@ impl ProxyHttp for Gateway {
         let usage = settle_usage(ctx);
         let req = session.req_header();
         if ctx.counted_active {
-            self.app.metrics.http_active.dec();
+            self.metrics.http_active.dec();
         }
         let error_type = match (ctx.error_code, ctx.status) {
             (Some(code), _) => Some(code),
             (None, s) if s >= 400 => Some(upstream_error_label(s)),
             _ => None,
         };
-        self.app.metrics.record_request(&Finished {
+        self.metrics.record_request(&Finished {
             method: req.method.as_str(),
             endpoint: ctx.endpoint,
             status: ctx.status,
@@ -103,9 +119,9 @@ impl ProxyHttp for Gateway {
             user: ctx.user.as_deref(),
             tokens: usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
         });
-        if self.app.access_log.is_enabled() {
+        if self.access_log.is_enabled() {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-            self.app.access_log.write(&Record {
+            self.access_log.write(&Record {
                 time: String::new(),
                 request_id: ctx.request_id(),
                 client: session.client_addr().map(|a| a.to_string()),
@@ -240,8 +256,8 @@ impl Request for FilterView<'_> {
 }
 
 /// Answer one request; every outcome is written to the client here.
-async fn handle(app: &AppState, session: &mut Session, ctx: &mut RequestCtx) {
-    let outcome = route_and_forward(app, session, ctx).await;
+async fn handle(live: &Live, app: &AppState, session: &mut Session, ctx: &mut RequestCtx) {
+    let outcome = route_and_forward(live, app, session, ctx).await;
     if let Err(error) = outcome {
         if let GatewayError::Rejected(r) = &error {
             ctx.limited = r.limit;
@@ -313,6 +329,7 @@ fn served_here(
 }
 
 async fn route_and_forward(
+    live: &Live,
     app: &AppState,
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -399,6 +416,7 @@ async fn route_and_forward(
             respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
         }
         Endpoint::AdminReloadKeys => admin::reload_keys(app, session, ctx).await,
+        Endpoint::AdminReload => admin::reload_config(live, session, ctx).await,
         Endpoint::AdminUsage => {
             let body = admin::usage_body(app);
             respond::answer(session, ctx, 200, body).await
@@ -506,7 +524,7 @@ async fn proxy_to_model(
                         .aliases
                         .contains_key(&field.name)
                         .then(|| engine.spec.name.clone());
-                    (Target::Engine(engine.clone()), served)
+                    (Target::Engine(engine), served)
                 }
                 None => {
                     let route = app.router.resolve_pool(&field.name).ok_or_else(|| {

@@ -31,6 +31,34 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: &Config) -> std::io::Result<Self> {
+        Self::build(config, None)
+    }
+
+    /// The router for a reloaded config: a pool whose config is unchanged is
+    /// the same `Arc<Pool>` (health state, counters and in-flight slots
+    /// carry on); a new or changed pool is built fresh and takes traffic
+    /// after its first passing health check.
+    pub fn rebuild(config: &Config, previous: &Router) -> std::io::Result<Self> {
+        Self::build(config, Some(previous))
+    }
+
+    /// Keep the previous router's discovered models whose pool still exists
+    /// (by name), until the next discovery refresh.
+    pub fn carry_discovered(&self, previous: &Router) {
+        let table = previous
+            .discovered
+            .load()
+            .iter()
+            .filter_map(|(model, &index)| {
+                let name = previous.pools.get(index)?.name();
+                let now = self.pools.iter().position(|p| p.name() == name)?;
+                Some((model.clone(), now))
+            })
+            .collect();
+        self.set_discovered(table);
+    }
+
+    fn build(config: &Config, previous: Option<&Router>) -> std::io::Result<Self> {
         let mut pools = Vec::new();
         let mut configured = HashMap::new();
         for (i, pc) in config.pools.iter().enumerate() {
@@ -52,7 +80,11 @@ impl Router {
                     },
                 );
             }
-            pools.push(Arc::new(Pool::new(pc.clone())?));
+            let same = previous.and_then(|r| r.pools.iter().find(|p| p.config == *pc));
+            match same {
+                Some(pool) => pools.push(pool.clone()),
+                None => pools.push(Arc::new(Pool::new(pc.clone())?)),
+            }
         }
         let default_pool = config
             .routing

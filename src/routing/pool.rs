@@ -168,6 +168,11 @@ impl Pool {
         &self.ordered
     }
 
+    /// Backends taking traffic now.
+    pub fn healthy_count(&self) -> usize {
+        self.serving_backends().count()
+    }
+
     pub fn serving_backends(&self) -> impl Iterator<Item = &Arc<BackendState>> {
         self.ordered.iter().filter(|s| self.is_serving(&s.address))
     }

@@ -113,11 +113,24 @@ pub fn gateway(yaml: &str) -> Proc {
     let dir = tempfile::tempdir().expect("tempdir").keep();
     let config = dir.join("infergate.yaml");
     std::fs::write(&config, yaml).expect("write config");
-    let stderr_path = dir.join("stderr.log");
+    gateway_file(&config, &[])
+}
+
+/// Start the gateway on an existing config file (its stderr goes next to it).
+pub fn gateway_file(config: &std::path::Path, extra_args: &[&str]) -> Proc {
+    let dir = config.parent().expect("config dir");
+    let stderr_path = dir.join(format!(
+        "stderr-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
     let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
     let mut child = Command::new(GATEWAY_BIN)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
+        .args(extra_args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(stderr)

@@ -108,12 +108,25 @@ impl Limits {
     /// Build the limiters; opens (creating) the quota store when `data_dir`
     /// is set. `Err` says which key is wrong or why the store cannot open.
     pub fn new(config: LimitsConfig) -> Result<Limits, String> {
+        Self::build(config, None)
+    }
+
+    /// New limits for a reloaded config. The quota store of `previous` is
+    /// kept when `data_dir` is unchanged (one process never opens the same
+    /// store twice); rate and concurrency counters start afresh.
+    pub fn reconfigured(config: LimitsConfig, previous: &Limits) -> Result<Limits, String> {
+        let same_store = config.data_dir == previous.shared.config.data_dir;
+        Self::build(config, same_store.then(|| previous.shared.store.clone()))
+    }
+
+    fn build(config: LimitsConfig, store: Option<Arc<QuotaStore>>) -> Result<Limits, String> {
         config
             .validate()
             .map_err(|(key, msg)| format!("limits.{key}: {msg}"))?;
-        let store = match &config.data_dir {
-            Some(dir) => QuotaStore::open(dir)?,
-            None => QuotaStore::in_memory(),
+        let store = match (store, &config.data_dir) {
+            (Some(store), _) => store,
+            (None, Some(dir)) => Arc::new(QuotaStore::open(dir)?),
+            (None, None) => Arc::new(QuotaStore::in_memory()),
         };
         let models = config
             .models
@@ -130,7 +143,7 @@ impl Limits {
                 global: Arc::new(Level::new(Scope::Gateway, &config.global)),
                 models,
                 principals: Mutex::new(HashMap::new()),
-                store: Arc::new(store),
+                store,
                 config,
             }),
         })

@@ -24,7 +24,17 @@
 //! never corrupting).
 //!
 //! Every total is also kept in memory, so admission reads a counter and never
-//! touches the disk. One gateway process per `data_dir`. When a write fails
+//! touches the disk.
+//!
+//! Two processes may share a `data_dir` for a while (a zero-downtime upgrade,
+//! `infergate --check` next to a running gateway): each appends to journals
+//! it created itself (numbers are never reused) and holds an exclusive
+//! `flock` on its current one. Opening folds only journals nobody holds
+//! (left by a process that exited or crashed); a held journal is read into
+//! memory and left to its owner, which folds it itself. Folding and the
+//! opening read take `quota.lock`, so a journal is counted exactly once.
+//! What the other process records after this one opened is in the database
+//! but not in this process's memory until it restarts. When a write fails
 //! (disk full, directory removed) the usage is still counted in memory and the
 //! failure is reported through [`QuotaStore::take_warnings`]; the request
 //! itself is never failed for it. The database can be copied live with
@@ -43,6 +53,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// File name inside `data_dir`.
 pub const FILE_NAME: &str = "quota.sqlite3";
+
+/// Held (flock) while folding and while an opening store reads the state.
+const LOCK_FILE: &str = "quota.lock";
 
 /// Journal files: `quota-journal.<N>.log`.
 const JOURNAL_PREFIX: &str = "quota-journal.";
@@ -65,7 +78,8 @@ pub(crate) struct QuotaStore {
 struct Db {
     dir: PathBuf,
     conn: Mutex<Connection>,
-    /// The journal appends go to, and its number. Appenders take the read
+    /// The journal appends go to, and its number; this process holds an
+    /// exclusive flock on it while the file is open. Appenders take the read
     /// lock (appends with O_APPEND need no more); the fold takes the write
     /// lock only to switch files.
     journal: RwLock<(u64, File)>,
@@ -73,7 +87,7 @@ struct Db {
     /// the journals switched away from but not folded yet, oldest first: a
     /// journal that failed to fold is retried before any newer one, so
     /// `folded_journal` never passes an unfolded journal.
-    folding: Mutex<Vec<u64>>,
+    folding: Mutex<Vec<(u64, File)>>,
     stop: AtomicBool,
 }
 
@@ -130,11 +144,86 @@ fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-fn open_journal(dir: &Path, n: u64) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+/// Create this process's next journal: a number no journal had (after every
+/// file present and every number folded), created exclusively and flocked.
+fn create_journal(dir: &Path, conn: &Connection) -> Result<(u64, File), String> {
+    let on_disk = journal_files(dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .last()
+        .map_or(0, |(n, _)| *n);
+    let folded = max_folded(conn).map_err(|e| format!("cannot read {FILE_NAME}: {e}"))?;
+    let mut n = on_disk.max(folded) + 1;
+    loop {
+        let path = journal_path(dir, n);
+        match std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(file) => {
+                file.try_lock()
+                    .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+                return Ok((n, file));
+            }
+            // another process took this number a moment ago
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Hold `quota.lock` until the returned file is dropped.
+fn store_lock(dir: &Path) -> Result<File, String> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
-        .open(journal_path(dir, n))
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    file.lock()
+        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+    Ok(file)
+}
+
+/// The legacy watermark (`meta.folded_journal`, written before journals
+/// were per process): every journal up to it is folded.
+fn legacy_watermark(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'folded_journal'",
+        [],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|v| u64::try_from(v).unwrap_or(0))
+    .or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(0),
+        e => Err(e),
+    })
+}
+
+/// The highest journal number ever folded (0: none).
+fn max_folded(conn: &Connection) -> rusqlite::Result<u64> {
+    let max: Option<i64> = conn.query_row("SELECT MAX(n) FROM folded", [], |row| row.get(0))?;
+    Ok(legacy_watermark(conn)?.max(max.map_or(0, |v| u64::try_from(v).unwrap_or(0))))
+}
+
+/// Whether journal `n` was folded already (a file left by a crash between
+/// the fold's commit and the file's removal).
+fn is_folded(conn: &Connection, n: u64) -> rusqlite::Result<bool> {
+    if n <= legacy_watermark(conn)? {
+        return Ok(true);
+    }
+    let found: Option<i64> = conn
+        .query_row(
+            "SELECT n FROM folded WHERE n = ?1",
+            params![i64::try_from(n).unwrap_or(i64::MAX)],
+            |row| row.get(0),
+        )
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok(found.is_some())
 }
 
 /// Sum a journal per identity. A line that does not parse (a torn write at
@@ -186,8 +275,7 @@ fn fold_into(conn: &mut Connection, n: u64, sums: &Sums) -> rusqlite::Result<()>
             stmt.execute(params![id, tokens, now, user])?;
         }
         tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('folded_journal', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            "INSERT OR IGNORE INTO folded (n) VALUES (?1)",
             params![i64::try_from(n).unwrap_or(i64::MAX)],
         )?;
     }
@@ -199,8 +287,8 @@ impl Db {
     /// database. Returns an error message for the warnings.
     fn fold(&self) -> Result<(), String> {
         let mut unfolded = lock(&self.folding);
-        while let Some(&n) = unfolded.first() {
-            self.fold_file(n)?;
+        while let Some((n, _held)) = unfolded.first() {
+            self.fold_file(*n)?;
             unfolded.remove(0);
         }
         let current = {
@@ -217,21 +305,21 @@ impl Db {
         if empty {
             return Ok(());
         }
-        let next = open_journal(&self.dir, current + 1).map_err(|e| {
-            format!(
-                "cannot create journal {}: {e}",
-                journal_path(&self.dir, current + 1).display()
-            )
-        })?;
-        {
+        let next = {
+            let conn = lock(&self.conn);
+            create_journal(&self.dir, &conn)?
+        };
+        let old = {
             let mut journal = self
                 .journal
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *journal = (current + 1, next);
-        }
-        // No appender holds journal `current` any more: fold it.
-        unfolded.push(current);
+            std::mem::replace(&mut *journal, next)
+        };
+        // No appender holds journal `current` any more: fold it. Its file
+        // (and flock) stays open until it is folded, so no other process
+        // takes it for an orphan meanwhile.
+        unfolded.push(old);
         self.fold_file(current)?;
         unfolded.pop();
         Ok(())
@@ -239,7 +327,14 @@ impl Db {
 
     /// Add journal `n` to the table (recording it as folded), then delete it.
     fn fold_file(&self, n: u64) -> Result<(), String> {
+        let _store = store_lock(&self.dir)?;
         let path = journal_path(&self.dir, n);
+        let done =
+            is_folded(&lock(&self.conn), n).map_err(|e| format!("cannot read {FILE_NAME}: {e}"))?;
+        if done {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         let (sums, _bad) =
             read_journal(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut conn = lock(&self.conn);
@@ -322,39 +417,41 @@ impl QuotaStore {
         )
         .map_err(fail)?;
         add_user_column(&conn).map_err(fail)?;
-        let folded: u64 = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'folded_journal'",
-                [],
-                |row| row.get::<_, i64>(0),
-            )
-            .map(|v| u64::try_from(v).unwrap_or(0))
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(0),
-                e => Err(fail(e)),
-            })?;
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS folded (n INTEGER PRIMARY KEY);")
+            .map_err(fail)?;
         let warnings = Arc::new(Mutex::new(Warnings::default()));
+        // a consistent view: no fold (by us or another process) meanwhile
+        let store = store_lock(dir)?;
         let journals = journal_files(dir).map_err(|e| {
             format!(
                 "cannot list the quota store directory {}: {e}",
                 dir.display()
             )
         })?;
-        let mut last = folded;
+        let mut held: Vec<Sums> = Vec::new();
         for (n, journal) in &journals {
-            last = last.max(*n);
-            if *n > folded {
-                let (sums, bad) = read_journal(journal).map_err(|e| {
-                    format!("cannot read the quota journal {}: {e}", journal.display())
-                })?;
-                if bad > 0 {
-                    push_warning(
-                        &warnings,
-                        format!("quota store: {bad} unreadable line(s) in {} skipped (a write cut by a crash)", journal.display()),
-                    );
-                }
-                fold_into(&mut conn, *n, &sums).map_err(fail)?;
+            if is_folded(&conn, *n).map_err(fail)? {
+                let _ = std::fs::remove_file(journal);
+                continue;
             }
+            let Ok(file) = File::open(journal) else {
+                continue; // removed by its owner meanwhile
+            };
+            let owned_elsewhere = file.try_lock_shared().is_err();
+            let (sums, bad) = read_journal(journal)
+                .map_err(|e| format!("cannot read the quota journal {}: {e}", journal.display()))?;
+            if owned_elsewhere {
+                // another running gateway appends here and will fold it
+                held.push(sums);
+                continue;
+            }
+            if bad > 0 {
+                push_warning(
+                    &warnings,
+                    format!("quota store: {bad} unreadable line(s) in {} skipped (a write cut by a crash)", journal.display()),
+                );
+            }
+            fold_into(&mut conn, *n, &sums).map_err(fail)?;
             std::fs::remove_file(journal).map_err(|e| {
                 format!(
                     "cannot remove the folded quota journal {}: {e}",
@@ -362,18 +459,22 @@ impl QuotaStore {
                 )
             })?;
         }
-        let used = load(&conn).map_err(fail)?;
-        let current = last + 1;
-        let journal = open_journal(dir, current).map_err(|e| {
-            format!(
-                "cannot create the quota journal {}: {e}; give the gateway write access (limits.data_dir)",
-                journal_path(dir, current).display()
-            )
+        let mut used = load(&conn).map_err(fail)?;
+        for sums in held {
+            for (id, (user, tokens)) in sums {
+                let entry: &mut Entry = used.entry(id).or_default();
+                entry.used = entry.used.saturating_add(tokens);
+                entry.user.get_or_insert(user);
+            }
+        }
+        let journal = create_journal(dir, &conn).map_err(|e| {
+            format!("cannot create a quota journal: {e}; give the gateway write access (limits.data_dir)")
         })?;
+        drop(store);
         let db = Arc::new(Db {
             dir: dir.to_path_buf(),
             conn: Mutex::new(conn),
-            journal: RwLock::new((current, journal)),
+            journal: RwLock::new(journal),
             folding: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
@@ -492,6 +593,15 @@ impl Drop for QuotaStore {
         // a clean shutdown folds what is left; a crash leaves it for the replay
         if let Some(db) = &self.db {
             let _ = db.fold();
+            // nothing was appended since: the empty journal can go
+            let journal = db
+                .journal
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let path = journal_path(&db.dir, journal.0);
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
 }
@@ -575,6 +685,35 @@ pub(crate) mod tests {
                 ("user:7".to_string(), entry(5, "bob@example.com")),
             ]
         );
+    }
+
+    /// A zero-downtime upgrade: the new process opens the store while the
+    /// old one still writes to it. Nothing is counted twice, nothing is lost
+    /// once both have closed.
+    #[test]
+    fn two_stores_on_one_dir_count_everything_once() {
+        let dir = TempDir::new();
+        let old = QuotaStore::open(&dir.0).unwrap();
+        old.add("key:a", "a", 100);
+        old.fold_now(); // 100 in the database
+        old.add("key:a", "a", 10); // 10 in old's live journal
+        let new = QuotaStore::open(&dir.0).unwrap();
+        // the new one sees both, and left old's journal alone
+        assert_eq!(new.used("key:a"), 110);
+        let journals = journal_files(&dir.0).unwrap();
+        assert_eq!(journals.len(), 2, "old's and new's: {journals:?}");
+        new.add("key:a", "a", 1);
+        old.add("key:a", "a", 5); // after new opened: not in new's memory
+        old.fold_now();
+        new.fold_now();
+        old.add("key:a", "a", 7);
+        drop(old);
+        new.add("key:a", "a", 2);
+        drop(new);
+        let third = QuotaStore::open(&dir.0).unwrap();
+        assert_eq!(third.used("key:a"), 100 + 10 + 1 + 5 + 7 + 2);
+        drop(third);
+        assert!(journal_files(&dir.0).unwrap().is_empty());
     }
 
     #[test]
@@ -701,16 +840,14 @@ pub(crate) mod tests {
     #[test]
     fn a_torn_last_journal_line_is_ignored() {
         let dir = TempDir::new();
-        let store = QuotaStore::open(&dir.0).unwrap();
-        store.add("key:eee", "e", 9);
-        let (_, path) = journal_files(&dir.0).unwrap().pop().unwrap();
-        std::mem::forget(store);
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        f.write_all(b"{\"i\":\"key:eee\",\"t\":10").unwrap();
+        drop(QuotaStore::open(&dir.0).unwrap());
+        // what a crashed process leaves: a journal nobody holds, its last
+        // append cut short
+        std::fs::write(
+            journal_path(&dir.0, 1000),
+            b"{\"i\":\"key:eee\",\"t\":9,\"u\":\"e\"}\n{\"i\":\"key:eee\",\"t\":10",
+        )
+        .unwrap();
         let store = QuotaStore::open(&dir.0).unwrap();
         assert_eq!(store.used("key:eee"), 9);
         assert!(store
