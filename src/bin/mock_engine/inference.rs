@@ -28,10 +28,13 @@ pub enum Endpoint {
 
 /// Produce the response for a parsed, validated inference request. `model`
 /// is the index of a served model.
+/// `interval`: the gap between streamed tokens for this request (the
+/// `x-mock-token-interval-us` header, else `--token-interval-ms`).
 pub async fn respond(
     endpoint: Endpoint,
     req: &Value,
     model: usize,
+    interval: std::time::Duration,
     mut guard: InflightGuard,
 ) -> Response<MockBody> {
     let state = guard.state().clone();
@@ -133,7 +136,7 @@ pub async fn respond(
             completion_tokens: ctokens,
             include_usage,
             drop_after: cfg.drop_after_chunks,
-            interval: cfg.token_interval,
+            interval,
         };
         let mut resp = Response::new(MockBody::Stream(Box::new(SseStream::new(params, guard))));
         let h = resp.headers_mut();

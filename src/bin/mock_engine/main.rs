@@ -51,7 +51,8 @@ struct Cli {
     /// Delay before the first byte of a completion/chat response.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     ttft_ms: u64,
-    /// Delay between streamed tokens.
+    /// Delay between streamed tokens (a request's `x-mock-token-interval-us`
+    /// header overrides it).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     token_interval_ms: u64,
     /// Completion tokens per response (capped by max_tokens).

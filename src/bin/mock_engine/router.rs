@@ -20,6 +20,9 @@ static X_MOCK_BODY_BYTES: HeaderName = HeaderName::from_static("x-mock-body-byte
 static X_MOCK_BODY_SHA256: HeaderName = HeaderName::from_static("x-mock-body-sha256");
 static X_MOCK_REQUEST_ID: HeaderName = HeaderName::from_static("x-mock-request-id");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Per-request override of `--token-interval-ms`, in microseconds (benchmarks
+/// run several token rates against one mock).
+static X_MOCK_TOKEN_INTERVAL_US: HeaderName = HeaderName::from_static("x-mock-token-interval-us");
 
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody> {
     if req.uri().path() == crate::ws::PATH {
@@ -305,5 +308,12 @@ async fn inference(
             flat,
         );
     };
-    respond(ep, &req, idx, guard).await
+    let interval = parts
+        .headers
+        .get(&X_MOCK_TOKEN_INTERVAL_US)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_micros)
+        .unwrap_or(state.cfg.token_interval);
+    respond(ep, &req, idx, interval, guard).await
 }

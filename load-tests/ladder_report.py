@@ -1,0 +1,231 @@
+"""Goals, the Markdown report and the smoke checks of a ladder result."""
+import json
+
+GW = "infergate-all"
+LABEL = {"direct": "direct → mock", "passthrough": "minimal Pingora proxy", "nginx": "nginx",
+         "infergate-all": "**infergate, everything on**", "infergate-no-auth": "infergate, auth off",
+         "infergate-no-limits": "infergate, limits + quota off",
+         "infergate-no-access-log": "infergate, access log off",
+         "infergate-no-filters": "infergate, no filters (routing, metrics, log)"}
+
+
+def f(x, nd=0, sign=False):
+    if x is None:
+        return "–"
+    return f"{x:+,.{nd}f}" if sign else f"{x:,.{nd}f}"
+
+
+def goals(res):
+    R = res["results"]
+    out = []
+
+    def add(goal, measured, ok, detail):
+        out.append({"goal": goal, "measured": measured, "met": ok, "detail": detail})
+
+    a = R.get("throughput")
+    if a and GW in next(iter(a["summary"].values())) and "nginx" in next(iter(a["summary"].values())):
+        levels = a["summary"]
+
+        def peak(t):
+            return max((s[t]["rps"], c) for c, s in levels.items() if t in s)
+        (g, gc), (n, nc) = peak(GW), peak("nginx")
+        add("throughput, everything on ≥ 1.2 × nginx (peak req/s over 1–256 connections)",
+            f"{g / n:.2f}×", g / n >= 1.2, f"infergate {g:,.0f} req/s at {gc} conns, nginx {n:,.0f} at {nc}")
+        lv = "64" if "64" in levels else max(levels, key=int)
+        gcpu, ncpu = levels[lv][GW]["proxy_cpu_us_per_req"], levels[lv]["nginx"]["proxy_cpu_us_per_req"]
+        if gcpu and ncpu:
+            add(f"CPU per request, everything on ≤ 0.8 × nginx ({lv} connections)", f"{gcpu / ncpu:.2f}×",
+                gcpu / ncpu <= 0.8, f"infergate {gcpu:.1f} µs/req, nginx {ncpu:.1f} µs/req")
+    b = R.get("latency")
+    if b:
+        k = next((k for k in b["summary"] if k.endswith(" c1")), None)
+        if k and GW in b["summary"][k]:
+            v = b["summary"][k][GW]["added_p99_us"]
+            add("added p99 ≤ 150 µs at 1 connection", f"{f(v, 0, True)} µs", v is not None and v <= 150,
+                f"fixed rate {k}; nginx {f(b['summary'][k].get('nginx', {}).get('added_p99_us'), 0, True)} µs")
+    c = R.get("streaming")
+    if c:
+        for lvl, s in c["summary"].items():
+            if GW not in s:
+                continue
+            x = s[GW]
+            add(f"streaming added TTFT p99 ≤ 300 µs ({lvl} streams)", f"{f(x['added_ttft_p99_us'], 0, True)} µs",
+                x["added_ttft_p99_us"] is not None and x["added_ttft_p99_us"] <= 300,
+                f"nginx {f(s.get('nginx', {}).get('added_ttft_p99_us'), 0, True)} µs")
+            add(f"streaming added per-chunk p99 ≤ 50 µs ({lvl} streams)", f"{f(x['added_chunk_p99_us'], 0, True)} µs",
+                x["added_chunk_p99_us"] is not None and x["added_chunk_p99_us"] <= 50,
+                f"nginx {f(s.get('nginx', {}).get('added_chunk_p99_us'), 0, True)} µs")
+            add(f"zero coalesced chunks ({lvl} streams)", str(x["coalesced"]), x["coalesced"] == 0,
+                f"of {x['chunks']:,} chunks")
+    d = R.get("open_streams")
+    if d:
+        lvl = max(d["summary"], key=int)
+        x = d["summary"][lvl].get(GW)
+        if x:
+            add(f"≤ 16 KiB per idle stream ({lvl} streams)", f"{x['kib_per_stream']:.1f} KiB",
+                x["kib_per_stream"] <= 16, f"RSS after close − before: {f(x['after_minus_base_kib'])} KiB")
+    e = R.get("body_size")
+    if e:
+        worst = max((e["summary"][k][GW]["added_p50_us"] or 0, k) for k in e["summary"]
+                    if k.startswith(f"{1 << 20} ") and GW in e["summary"][k])
+        add("a 1 MB prompt routed in ≤ 2 ms (added p50, model first or last)", f"{worst[0] / 1000:.2f} ms",
+            worst[0] <= 2000, f"worst: model {worst[1].split()[1]}")
+    rt = R.get("routing")
+    if rt:
+        k = next((k for k in rt["benches"] if "models=10000" in k and "backends=1" in k.split("/")[-1]
+                  and k.startswith("route/")), None)
+        if k:
+            ns = rt["benches"][k]["median_ns"]
+            add("routing ≤ 1 µs at 10,000 models", f"{ns:.0f} ns", ns <= 1000, k)
+    return out
+
+
+def markdown(res):
+    m, R = res["meta"], res["results"]
+    mc = m["machine"]
+    o = [f"## infergate performance ladder {m['timestamp']}{' (smoke)' if m['smoke'] else ''}", ""]
+    o.append(f"- git `{mc['git_rev']}`{' (dirty)' if mc['git_dirty'] else ''}; {mc['cores']} cores "
+             f"({mc['cpu_model']}), {mc['mem_total_kib'] // 1024 if mc['mem_total_kib'] else '?'} MiB, "
+             f"kernel {mc['kernel']}, open files {mc['open_files_limit']}")
+    o.append(f"- load average at start {tuple(round(x, 2) for x in mc['loadavg_start'])}, at end "
+             f"{tuple(round(x, 2) for x in mc.get('loadavg_end', ()))}")
+    v = mc["versions"]
+    o.append(f"- {v.get('rustc')}, Pingora {v.get('pingora')}, {v.get('nginx')}, {v.get('wrk')}, "
+             f"Python {v.get('python')}")
+    o.append(f"- pinning: {m.get('pinning')}; proxies {m['proxy_threads']} worker threads each; "
+             f"{m['plan']['rounds']} rounds, configurations alternating, medians of rounds; "
+             f"“added” = paired per-round difference to direct, median")
+    o.append("")
+    if res.get("goals"):
+        o += ["### Goals (ratios and differences within this run)", "", "| goal | measured | met | detail |",
+              "|---|---:|:---:|---|"]
+        for g in res["goals"]:
+            o.append(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**no**'} | {g['detail']} |")
+        o.append("")
+    a = R.get("throughput")
+    if a:
+        o += [f"### (a) Small non-streaming chat completions (wrk, {a['duration_s']} s per run)", ""]
+        for c, s in a["summary"].items():
+            o += [f"**{c} connection{'s' if c != '1' else ''}**", "",
+                  "| target | req/s | p50 µs | p99 µs | added p99 µs | proxy CPU µs/req | mock CPU µs/req "
+                  "| ×nginx req/s | errors | req/s per round |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            n = s.get("nginx", {}).get("rps")
+            for t, x in s.items():
+                o.append(f"| {LABEL.get(t, t)} | {f(x['rps'])} | {f(x['p50_us'])} | {f(x['p99_us'])} "
+                         f"| {f(x['added_p99_us'], 0, True) if t != 'direct' else '–'} "
+                         f"| {f(x['proxy_cpu_us_per_req'], 1)} | {f(x['mock_cpu_us_per_req'], 1)} "
+                         f"| {f(x['rps'] / n, 2) if n else '–'} | {x['non2xx'] + x['socket_errors']} "
+                         f"| {', '.join(f(r) for r in x['rps_rounds'])} |")
+            o.append("")
+    b = R.get("latency")
+    if b:
+        o += [f"### (b) Added latency at fixed request rates (loadgen, open loop, {b['duration_s']} s per run)", "",
+              "| rate, connections | target | p50 µs | p99 µs | added p50 µs | added p99 µs | achieved/s | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for k, s in b["summary"].items():
+            for t, x in s.items():
+                o.append(f"| {k} | {LABEL.get(t, t)} | {f(x['p50_us'])} | {f(x['p99_us'])} "
+                         f"| {f(x['added_p50_us'], 0, True)} | {f(x['added_p99_us'], 0, True)} "
+                         f"| {f(x['achieved_rate'])} | {x['errors']} |")
+        o.append("")
+    c = R.get("streaming")
+    if c:
+        shapes = "; ".join(f"{n} stream{'s' if n != '1' else ''}: {x['tokens']} tokens "
+                           f"{x['token_interval_us'] // 1000} ms apart" for n, x in c["shapes"].items())
+        o += [f"### (c) Streaming ({shapes}; {c['duration_s']} s per run)",
+              "", "| streams | target | TTFT p50 µs | TTFT p99 µs | added TTFT p50 / p99 µs | chunk delay p50 µs "
+              "| chunk p99 µs | added chunk p50 / p99 µs | chunks | coalesced | errors |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for lvl, s in c["summary"].items():
+            for t, x in s.items():
+                o.append(f"| {lvl} | {LABEL.get(t, t)} | {f(x['ttft_p50_us'])} | {f(x['ttft_p99_us'])} "
+                         f"| {f(x['added_ttft_p50_us'], 0, True)} / {f(x['added_ttft_p99_us'], 0, True)} "
+                         f"| {f(x['chunk_p50_us'])} | {f(x['chunk_p99_us'])} "
+                         f"| {f(x['added_chunk_p50_us'], 0, True)} / {f(x['added_chunk_p99_us'], 0, True)} "
+                         f"| {f(x['chunks'])} | {x['coalesced']} | {x['errors']} |")
+        o.append("")
+        if c.get("abort"):
+            o += ["Client abort → upstream connection closed (one at a time):", "",
+                  "| target | aborts | p50 µs | p99 µs | max µs | not closed in 5 s |", "|---|---:|---:|---:|---:|---:|"]
+            for t, x in c["abort"].items():
+                s = x["abort_to_upstream_close_us"]
+                o.append(f"| {LABEL.get(t, t)} | {x['aborts']} | {f(s['p50'])} | {f(s['p99'])} | {f(s['max'])} "
+                         f"| {x['not_closed_within_5s']} |")
+            o.append("")
+    d = R.get("open_streams")
+    if d:
+        o += ["### (d) Concurrent open (idle) streams: proxy RSS", "",
+              "| streams | target | KiB per stream | RSS before KiB | RSS open KiB | after close − before KiB "
+              "| opened (min) | failed |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for lvl, s in d["summary"].items():
+            for t, x in s.items():
+                o.append(f"| {lvl} | {LABEL.get(t, t)} | {f(x['kib_per_stream'], 1)} | {f(x['rss_base_kib'])} "
+                         f"| {f(x['rss_loaded_kib'])} | {f(x['after_minus_base_kib'], 0, True)} | {x['open_min']} "
+                         f"| {x['failed']} |")
+        o.append("")
+    e = R.get("body_size")
+    if e:
+        o += [f"### (e) Request size (1 connection, closed loop, {e['duration_s']} s per run)", "",
+              "| prompt bytes, `model` | target | p50 µs | p99 µs | added p50 µs | added p99 µs | errors |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for k, s in e["summary"].items():
+            size, pos = k.split()
+            for t, x in s.items():
+                o.append(f"| {int(size):,} {pos} | {LABEL.get(t, t)} | {f(x['p50_us'])} | {f(x['p99_us'])} "
+                         f"| {f(x['added_p50_us'], 0, True)} | {f(x['added_p99_us'], 0, True)} | {x['errors']} |")
+        o.append("")
+    rt = R.get("routing")
+    if rt:
+        o += ["### (f) Routing decision (Criterion, median)", "", "| benchmark | median ns |", "|---|---:|"]
+        for k, x in rt["benches"].items():
+            o.append(f"| `{k}` | {f(x['median_ns'], 1)} |")
+        o.append("")
+    return "\n".join(o)
+
+
+def check(path, min_over_nginx, min_over_direct):
+    res = json.load(open(path))
+    why = []
+    a = res["results"].get("throughput")
+    if not a:
+        why.append("no throughput results")
+    else:
+        for c, s in a["summary"].items():
+            for t, x in s.items():
+                if x["non2xx"] or x["socket_errors"]:
+                    why.append(f"(a) {t} at {c} connections: {x['non2xx']} non-2xx, {x['socket_errors']} socket errors")
+            g, n, d = s.get(GW, {}).get("rps"), s.get("nginx", {}).get("rps"), s.get("direct", {}).get("rps")
+            if not (g and n and d):
+                why.append(f"(a) {c} connections: missing infergate, nginx or direct")
+                continue
+            if g / n < min_over_nginx:
+                why.append(f"(a) {c} connections: infergate {g / n:.3f} × nginx, below the floor {min_over_nginx}")
+            if g / d < min_over_direct:
+                why.append(f"(a) {c} connections: infergate {g / d:.3f} × direct, below the floor {min_over_direct}")
+    c = res["results"].get("streaming")
+    if not c:
+        why.append("no streaming results")
+    else:
+        for lvl, s in c["summary"].items():
+            for t, x in s.items():
+                if x["errors"]:
+                    why.append(f"(c) {t} at {lvl} streams: {x['errors']} errors")
+                if x["chunks"] == 0:
+                    why.append(f"(c) {t} at {lvl} streams: no chunk received")
+            if s.get(GW, {}).get("coalesced"):
+                why.append(f"(c) infergate coalesced {s[GW]['coalesced']} chunks at {lvl} streams (must be 0)")
+        for t, x in c.get("abort", {}).items():
+            if x["not_closed_within_5s"]:
+                why.append(f"(c) {t}: {x['not_closed_within_5s']} aborted streams left the upstream open > 5 s")
+    if why:
+        print("SMOKE FAILED:")
+        for w in why:
+            print("  - " + w)
+        return 1
+    parts = []
+    for cc, s in (a["summary"].items() if a else []):
+        parts.append(f"{cc} connections: infergate/nginx {s[GW]['rps'] / s['nginx']['rps']:.3f} "
+                     f"(floor {min_over_nginx}), infergate/direct {s[GW]['rps'] / s['direct']['rps']:.3f} "
+                     f"(floor {min_over_direct})")
+    print("smoke ok: " + "; ".join(parts) + "; 0 coalesced chunks, 0 errors, every abort closed upstream")
+    return 0
