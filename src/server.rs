@@ -74,6 +74,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         upgrade_sock: app.config.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
+    first_health_checks(&app)?;
     let live = Live::new(app, options.config_path.clone());
     {
         // quota-store write failures and the like, reported off the request
@@ -121,6 +122,36 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     announce.extend(metrics_listen.map(|a| (a, "metrics ")));
     announce_when_listening(announce);
     server.run_forever();
+}
+
+/// One round of health checks before the listeners open, so the first
+/// requests (after a start, or right after an upgrade's socket handover)
+/// find their backends already checked instead of getting 503s. Bounded by
+/// each pool's health-check timeout.
+fn first_health_checks(app: &AppState) -> Result<(), String> {
+    if app.router.pools().is_empty() {
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the first health checks: {e}"))?;
+    runtime.block_on(async {
+        for pool in app.router.pools() {
+            if let Err(e) = pool.load_backends().await {
+                log::error!("pool {}: loading backends failed: {e}", pool.name());
+                continue;
+            }
+            pool.check_health().await;
+            log::info!(
+                "pool {}: {}/{} backends healthy after the first check",
+                pool.name(),
+                pool.healthy_count(),
+                pool.backend_states().len()
+            );
+        }
+    });
+    Ok(())
 }
 
 /// Print the ready line once the listener accepts connections, so tests and

@@ -264,7 +264,7 @@ fn fifty_reloads_under_load_fail_no_request() {
             2 => vec![b.addr],
             _ => vec![b.addr, a.addr],
         };
-        let top = if i % 2 == 0 { limits } else { "" };
+        let top = if i.is_multiple_of(2) { limits } else { "" };
         config(&backends, &format!("alias-{i}"), top)
     };
     std::fs::write(&path, variants(0)).unwrap();

@@ -54,6 +54,9 @@ pub struct RequestCtx {
     /// The SSE response header already went out (keep-alive comments while
     /// an engine started): later errors become SSE error events.
     pub sse_started: bool,
+    /// A WebSocket upgrade goes to this backend through Pingora's own proxy
+    /// path (`upstream_peer`), which pipes both directions after the 101.
+    pub websocket_upstream: Option<SocketAddr>,
 }
 
 impl RequestCtx {
@@ -87,6 +90,7 @@ impl RequestCtx {
             model_use: None,
             engine_use: None,
             sse_started: false,
+            websocket_upstream: None,
         }
     }
 

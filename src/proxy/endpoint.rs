@@ -20,6 +20,8 @@ pub enum Endpoint {
     Stats,
     /// Any other `/v1/*`: body `model` if there is one, else the default pool.
     OtherV1,
+    /// A WebSocket upgrade (`Upgrade: websocket`), proxied to a pool's backend.
+    WebSocket,
     /// `POST /user/user_login`: email + password → JWT (seed 004).
     Login,
     /// `POST /admin/reload-keys`: reload the API keys and users files.
@@ -54,6 +56,7 @@ impl Endpoint {
             Endpoint::Services => "services",
             Endpoint::Stats => "stats",
             Endpoint::OtherV1 => "other",
+            Endpoint::WebSocket => "websocket",
             Endpoint::Login => "login",
             Endpoint::AdminReloadKeys => "admin_reload_keys",
             Endpoint::AdminReload => "admin_reload",
@@ -73,7 +76,8 @@ impl Endpoint {
             Endpoint::Inference(_)
             | Endpoint::ListModels
             | Endpoint::GetModel(_)
-            | Endpoint::OtherV1 => Access::Api,
+            | Endpoint::OtherV1
+            | Endpoint::WebSocket => Access::Api,
             Endpoint::Login => Access::Login,
             Endpoint::AdminReloadKeys
             | Endpoint::AdminReload
@@ -206,7 +210,7 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
 }
 
 /// `%2F` → `/` etc. for model ids in paths; invalid escapes stay as written.
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

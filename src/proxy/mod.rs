@@ -76,6 +76,10 @@ impl ProxyHttp for Gateway {
         self.metrics.http_active.inc();
         ctx.counted_active = true;
         handle(&self.live, &app, session, ctx).await;
+        if ctx.websocket_upstream.is_some() {
+            // Pingora proxies the upgrade and then the frames both ways
+            return Ok(false);
+        }
         if ctx.client_gone || !session.is_body_done() {
             // the client left, a write failed, or we answered without draining
             // the body: the connection cannot be reused
@@ -87,16 +91,59 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        // request_filter answers every request; reaching here is a bug, not a panic
-        Error::e_explain(
-            ErrorType::InternalError,
-            "upstream_peer is not used by infergate",
-        )
+        // request_filter answers every request but WebSocket upgrades
+        let Some(address) = ctx.websocket_upstream else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "upstream_peer is only used for WebSocket upgrades",
+            );
+        };
+        let app = self.live.current();
+        let mut peer = HttpPeer::new(address, false, String::new());
+        peer.options.connection_timeout = Some(app.config.timeouts.connect);
+        // a WebSocket may stay quiet for long: no read/idle timeout on it
+        Ok(Box::new(peer))
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora_proxy::FailToProxy {
+        // only WebSocket upgrades reach Pingora's proxy path: answer in OpenAI's shape
+        log::warn!(
+            "request {}: WebSocket proxy to {:?} failed: {e}",
+            ctx.request_id(),
+            ctx.websocket_upstream
+        );
+        let error = GatewayError::UpstreamFailed {
+            detail: format!("the WebSocket upgrade failed ({})", e.etype().as_str()),
+        };
+        let code = if session.response_written().is_some() {
+            0 // the 101 went out: the connection just ends
+        } else {
+            let written = respond::write_error(session, ctx, &error).await;
+            if written.is_err() {
+                ctx.client_gone = true;
+            }
+            error.spec().status
+        };
+        pingora_proxy::FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.status == 0 {
+            // proxied by Pingora (WebSocket): what went to the client
+            if let Some(response) = session.response_written() {
+                ctx.status = response.status.as_u16();
+            }
+        }
         let usage = settle_usage(ctx);
         let req = session.req_header();
         if ctx.counted_active {
@@ -334,10 +381,14 @@ async fn route_and_forward(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
-    let classified = classify(
-        session.req_header().method.as_str(),
-        session.req_header().uri.path(),
-    );
+    let classified = if is_websocket_upgrade(session.req_header()) {
+        Ok(Endpoint::WebSocket)
+    } else {
+        classify(
+            session.req_header().method.as_str(),
+            session.req_header().uri.path(),
+        )
+    };
     let access = match &classified {
         Ok(endpoint) => {
             ctx.endpoint = endpoint.label();
@@ -443,6 +494,7 @@ async fn route_and_forward(
             let field = info.model.clone()?;
             proxy_to_model(app, session, ctx, body, Some(field), Some(&info)).await
         }
+        Endpoint::WebSocket => websocket_target(app, session, ctx).await,
         Endpoint::OtherV1 => {
             let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
                 .await?;
@@ -453,6 +505,103 @@ async fn route_and_forward(
             proxy_to_model(app, session, ctx, body, field, info.as_ref()).await
         }
     }
+}
+
+/// `GET` with `Upgrade: websocket` (and `Connection: upgrade`).
+fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    let has = |name: &str, token: &str| {
+        req.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    req.method == http::Method::GET && has("upgrade", "websocket") && has("connection", "upgrade")
+}
+
+/// The model a WebSocket names: `?model=` (as OpenAI's Realtime API does).
+fn websocket_model(req: &RequestHeader) -> Option<String> {
+    req.uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "model" && !v.is_empty()).then(|| crate::proxy::endpoint::percent_decode(v))
+    })
+}
+
+/// Choose where a WebSocket upgrade goes: the pool (or managed engine) of
+/// `?model=`, else the default pool; then the usual model access and limits
+/// (a concurrency slot is held while the socket is open). Pingora then
+/// proxies the upgrade to `ctx.websocket_upstream`.
+async fn websocket_target(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), GatewayError> {
+    let model = websocket_model(session.req_header());
+    let pool = match &model {
+        Some(name) => {
+            if let Some(identity) = &ctx.filters.identity {
+                if !identity.may_use(name) {
+                    return Err(GatewayError::UnknownModel {
+                        model: name.clone(),
+                    });
+                }
+            }
+            if let Some(engine) = app.engines.find(name) {
+                let (address, engine_use) = app
+                    .engines
+                    .acquire(&engine)
+                    .await
+                    .map_err(GatewayError::Engine)?;
+                admit(app, ctx, model.as_deref())?;
+                ctx.model = model.clone();
+                ctx.pool = Some(engine.spec.name.clone());
+                ctx.engine_use = Some(engine_use);
+                ctx.backend = Some(address);
+                ctx.websocket_upstream = Some(address);
+                ctx.proxied = true;
+                return Ok(());
+            }
+            let route =
+                app.router
+                    .resolve_pool(name)
+                    .ok_or_else(|| GatewayError::UnknownModel {
+                        model: name.clone(),
+                    })?;
+            app.router.pool(route.pool)
+        }
+        None => app.router.default_pool().and_then(|i| app.router.pool(i)),
+    }
+    .ok_or(GatewayError::MissingModel)?
+    .clone();
+    admit(app, ctx, model.as_deref())?;
+    let guard = pool
+        .pick_backend(None, &[])
+        .ok_or_else(|| GatewayError::NoHealthyBackend {
+            pool: pool.name().to_string(),
+        })?;
+    let address = guard.state().address;
+    ctx.model = model;
+    ctx.pool = Some(pool.name().to_string());
+    ctx.backend = Some(address);
+    ctx.inflight = Some(guard);
+    ctx.websocket_upstream = Some(address);
+    ctx.proxied = true;
+    Ok(())
+}
+
+/// The filters' admission (limits) for a request without a body.
+fn admit(app: &AppState, ctx: &mut RequestCtx, model: Option<&str>) -> Result<(), GatewayError> {
+    app.chain
+        .on_admit(
+            &AdmitInfo {
+                model,
+                prompt_tokens_estimate: 0,
+                max_output_tokens: Some(0),
+            },
+            &mut ctx.filters,
+        )
+        .map_err(GatewayError::rejected)
 }
 
 /// Rough prompt size before the engine counts it: JSON bytes / 4, the usual

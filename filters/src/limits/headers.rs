@@ -96,7 +96,7 @@ fn whole(x: f64) -> u64 {
 /// `"1.5s"`, `"6m0s"`, `"1h0m0s"`. Rounded up to the millisecond, so a bucket
 /// that is not yet full never reports `"0s"`.
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    let ms = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     if ms == 0 {
         return "0s".to_string();
     }

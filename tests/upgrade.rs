@@ -1,0 +1,171 @@
+//! Zero-downtime binary upgrade: a second infergate started with `--upgrade`
+//! takes the listening socket over when the running one gets SIGQUIT, under
+//! load, and no connection is refused or request lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    new_connections: AtomicU64,
+    failed: Mutex<Vec<String>>,
+}
+
+#[test]
+fn an_upgrade_under_load_refuses_no_connection() {
+    let engine = mock(&["--model", "tiny-chat", "--token-interval-ms", "5"]);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let port = free_port();
+    let sock = dir.join("upgrade.sock");
+    let data = dir.join("data");
+    let yaml = format!(
+        r#"server:
+  listen: "127.0.0.1:{port}"
+  threads: 2
+  grace_period: 3s
+  upgrade_sock: "{}"
+filters:
+  - request_id: {{}}
+  - limits: {{ data_dir: "{}", global: {{ requests_per_second: 100000 }} }}
+pools:
+  - name: chat
+    models: ["tiny-chat"]
+    backends: ["{}"]
+    health_check: {{ path: /health, interval: 200ms }}
+"#,
+        sock.display(),
+        data.display(),
+        engine.addr
+    );
+    let path = dir.join("infergate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let mut old = gateway_file(&path, &[]);
+    wait_healthy(&old, 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let mut load = Vec::new();
+    for worker in 0..3 {
+        let (stop, tally, url) = (stop.clone(), tally.clone(), url.clone());
+        load.push(std::thread::spawn(move || {
+            // workers 0 and 1: a new connection per request (a refused
+            // connect would show); worker 2: streams on keep-alive
+            let fresh = worker < 2;
+            let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30));
+            if fresh {
+                builder = builder.pool_max_idle_per_host(0);
+            }
+            let http = builder.build().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let stream = !fresh;
+                let result = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(chat_body("tiny-chat", stream))
+                    .send()
+                    .and_then(|r| {
+                        let status = r.status().as_u16();
+                        r.text().map(|t| (status, t))
+                    });
+                match result {
+                    Ok((200, body)) if !stream || body.contains("data: [DONE]") => {
+                        tally.ok.fetch_add(1, Ordering::Relaxed);
+                        if fresh {
+                            tally.new_connections.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok((status, body)) => tally
+                        .failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{status}: {body}")),
+                    Err(e) => tally.failed.lock().unwrap().push(format!("{e:?}")),
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // the new binary waits on the upgrade socket for the listeners
+    let new_stderr = std::fs::File::create(dir.join("new.log")).unwrap();
+    let mut new = Command::new(GATEWAY_BIN)
+        .args(["--upgrade", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(new_stderr)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the upgrade socket", || {
+        sock.exists()
+    });
+    let before = tally.ok.load(Ordering::Relaxed);
+    let quit = Command::new("kill")
+        .args(["-QUIT", &old.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    // the old process hands over, keeps serving 5 s (Pingora's close
+    // timeout), drains for the 3 s grace and exits
+    let handed_over = Instant::now();
+    let exit = loop {
+        if let Some(status) = old.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            handed_over.elapsed() < Duration::from_secs(30),
+            "the old gateway did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let during = tally.ok.load(Ordering::Relaxed) - before;
+    // traffic keeps flowing to the new process alone
+    let after_exit = tally.ok.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let after = tally.ok.load(Ordering::Relaxed) - after_exit;
+    let failed = tally.failed.lock().unwrap().clone();
+    println!(
+        "upgrade under load: {} requests succeeded ({} on new connections; {during} between SIGQUIT and the old process's exit, {after} after it), {} failed; old exit {exit:?}",
+        tally.ok.load(Ordering::Relaxed),
+        tally.new_connections.load(Ordering::Relaxed),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        exit.success(),
+        "old gateway exit: {exit:?}\n{}",
+        old.stderr()
+    );
+    assert!(after > 20, "the new gateway served only {after} requests");
+    // the new one is healthy and holds the port alone
+    assert!(new.try_wait().unwrap().is_none(), "the new gateway exited");
+    let health = get_json(&format!("http://127.0.0.1:{port}/health/ready"));
+    assert_eq!(health["ready"], true, "{health}");
+    let old_log = old.stderr();
+    assert!(old_log.contains("listener sockets sent"), "{old_log}");
+    let _ = new.kill();
+    let _ = new.wait();
+    old.kill();
+}
