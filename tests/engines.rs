@@ -437,3 +437,83 @@ fn streaming_clients_get_keepalive_comments_while_an_engine_starts() {
     assert_eq!(error["error"]["code"], "engine_failed");
     assert!(!text.contains("[DONE]"));
 }
+
+/// A config reload reconciles engines: unchanged ones keep their process,
+/// a changed one restarts, a removed one drains and stops, an added one
+/// starts on its first request.
+#[test]
+fn reload_reconciles_engines() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (lo, hi) = port_range();
+    let yaml = |models: &[String]| {
+        format!(
+            "server:\n  listen: \"127.0.0.1:0\"\n  admin_listen: \"127.0.0.1:0\"\n  threads: 2\n  grace_period: 1s\nengines:\n  port_range: \"{lo}-{hi}\"\n  log_dir: {logs}\n  stop_grace: 3s\n  models:\n{models}",
+            logs = dir.join("engine-logs").display(),
+            models = models.join(""),
+        )
+    };
+    let path = dir.join("infergate.yaml");
+    std::fs::write(
+        &path,
+        yaml(&[
+            mock_model("keep", "", ""),
+            mock_model("change", "", ""),
+            mock_model("remove", "", ""),
+        ]),
+    )
+    .unwrap();
+    let gw = gateway_file(&path, &[]);
+    let admin = gw.next_addr("infergate admin listening on http://");
+    let s = Setup { gw, admin };
+    for model in ["keep", "change", "remove"] {
+        assert_eq!(chat(&s, model).0, 200, "{model}");
+    }
+    let pid = |name: &str| engine(&s, name)["pid"].as_u64().unwrap_or(0);
+    let (keep, change, remove) = (pid("keep"), pid("change"), pid("remove"));
+    assert!(keep > 0 && change > 0 && remove > 0);
+
+    std::fs::write(
+        &path,
+        yaml(&[
+            mock_model("keep", "", ""),
+            mock_model("change", "", ", \"--tokens\", \"3\""),
+            mock_model("added", "", ""),
+        ]),
+    )
+    .unwrap();
+    let resp = client()
+        .post(format!("http://{}/admin/reload", s.admin))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let report: Value = resp.json().unwrap();
+    let changes = report["changes"].to_string();
+    for expected in [
+        "engine `change` changed: restarting",
+        "engine `added` added",
+        "engine `remove` removed: draining",
+    ] {
+        assert!(changes.contains(expected), "{changes}");
+    }
+    // `change` comes back on a new process, `remove` goes, `keep` is untouched
+    wait_until(Duration::from_secs(20), "`change` to restart", || {
+        engine(&s, "change")["status"] == "running" && pid("change") != change
+    });
+    wait_until(
+        Duration::from_secs(20),
+        "the removed engine to stop",
+        || !alive(remove) && !alive(change),
+    );
+    assert_eq!(pid("keep"), keep);
+    assert!(alive(keep));
+    assert_eq!(engine(&s, "remove"), Value::Null);
+    assert_eq!(chat(&s, "remove").0, 404);
+    // the changed definition is the one running: 3 completion tokens
+    let (status, body) = chat(&s, "change");
+    assert_eq!(status, 200);
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    // the added engine starts on its first request
+    assert_eq!(engine(&s, "added")["status"], "stopped");
+    assert_eq!(chat(&s, "added").0, 200);
+    assert_eq!(engine(&s, "added")["status"], "running");
+}
