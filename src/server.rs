@@ -12,11 +12,10 @@ use std::time::Duration;
 
 /// Port 0 means "any free port": reserve one from the OS now, so the address
 /// can be announced. (Pingora binds its own socket; the gap between releasing
-/// ours and its bind is microseconds.)
+/// ours and its bind is microseconds.) A fixed port is probed the same way,
+/// so a port in use fails the start with a clear error instead of Pingora's
+/// retry loop.
 fn concrete_listen(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
     let probe = TcpListener::bind(addr)?;
     probe.local_addr()
 }
