@@ -4,7 +4,8 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke bench fmt clean
+.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke bench fmt clean \
+	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
@@ -60,13 +61,23 @@ real-engine: setup-test build
 e2e-vllm: build
 	tests/real-engine/vllm-run.sh
 
-## smoke: short gateway vs direct vs nginx run with ratio checks (CI)
+## smoke: the CI variant of the performance ladder, ~2 min: (a) at 64 connections and (c), direct vs
+## nginx vs infergate with everything on, ratio checks only (load-tests/smoke.sh)
 smoke: setup-test build
 	load-tests/smoke.sh
 
-## bench: the full side-by-side benchmark (writes load-tests/results/*.json)
+## bench: the whole performance ladder, scenarios (a)-(f), ~30 min; writes
+## load-tests/results/ladder-<UTC>.json and .md (load-tests/README.md)
 bench: setup-test build
-	load-tests/bench.sh
+	load-tests/ladder.py
+
+## bench-SCENARIO: one scenario of the ladder (throughput latency streaming open-streams body-size routing)
+bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size: setup-test build
+	load-tests/ladder.py $(patsubst bench-%,%,$@)
+
+## bench-routing: the Criterion micro-benchmark of routing and body inspection alone
+bench-routing:
+	$(CARGO) bench --bench routing
 
 fmt:
 	$(CARGO) fmt --all

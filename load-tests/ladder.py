@@ -5,6 +5,7 @@ usage:
   load-tests/ladder.py [options] [SCENARIO ...]     (no scenario: all of them)
   load-tests/ladder.py --smoke                      the CI variant (a + c, ratio checks)
   load-tests/ladder.py check RESULT.json            the smoke checks on a result file
+  load-tests/ladder.py report RESULT.json [--criterion]  rewrite goals and RESULT.md from the JSON
 
 scenarios:
   throughput   (a) max req/s, CPU/request at 1/8/64/256 connections: direct, passthrough
@@ -96,14 +97,14 @@ def plan(args):
                 "c_dur": args.duration or 3, "aborts": 20,
                 "a_targets": ["direct", "nginx", "infergate-all"],
                 "c_targets": ["direct", "nginx", "infergate-all"]}
-    return {"rounds": r, "a_conns": [1, 8, 64, 256], "a_dur": args.duration or 4,
+    return {"rounds": r, "a_conns": [1, 8, 64, 256], "a_dur": args.duration or 3,
             "a_targets": ["direct", "passthrough", "nginx"] + [f"infergate-{v}" for v in GATEWAY_VARIANTS],
-            "b_points": [(1000, 1), (5000, 16), (10000, 32)], "b_dur": args.duration or 4,
-            "c_levels": [1, 256], "c_dur": args.duration or 5, "aborts": 100,
+            "b_points": [(1000, 1), (5000, 16), (10000, 32)], "b_dur": args.duration or 3,
+            "c_levels": [1, 256], "c_dur": args.duration or 4, "aborts": 100,
             "c_targets": ["direct", "passthrough", "nginx", "infergate-all"],
             "d_levels": [1000, 2500, 5000], "d_rounds": min(r, 3),
             "d_targets": ["passthrough", "nginx", "infergate-all"],
-            "e_sizes": [1024, 65536, 1 << 20, 8 << 20], "e_dur": args.duration or 1.5, "e_rounds": r,
+            "e_sizes": [1024, 65536, 1 << 20, 8 << 20], "e_dur": args.duration or 1, "e_rounds": r,
             "e_targets": ["direct", "passthrough", "nginx", "infergate-all"]}
 
 
@@ -169,6 +170,21 @@ def run(args):
 
 
 def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "report":
+        # re-derive goals and the Markdown from a result file (after a report change)
+        with open(sys.argv[2]) as fh:
+            res = json.load(fh)
+        if "--criterion" in sys.argv:  # take (f) from target/criterion (the last cargo bench)
+            res["results"]["routing"] = {"benches": sc.criterion_results()}
+        res["goals"] = ladder_report.goals(res)
+        with open(sys.argv[2], "w") as fh:
+            json.dump(res, fh, indent=1)
+            fh.write("\n")
+        md = ladder_report.markdown(res)
+        with open(sys.argv[2][:-len(".json")] + ".md", "w") as fh:
+            fh.write(md)
+        print(md)
+        return 0
     if len(sys.argv) >= 3 and sys.argv[1] == "check":
         ap = argparse.ArgumentParser(prog="ladder.py check")
         ap.add_argument("result")

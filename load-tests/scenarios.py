@@ -284,17 +284,17 @@ def routing(quick):
     p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"cargo bench failed: {p.stderr[-800:]}")
+    return {"benches": criterion_results()}
+
+
+def criterion_results():
+    """Median and mean of every Criterion benchmark under target/criterion."""
     root = os.path.join(REPO, "target", "criterion")
     out = {}
-    for group in sorted(os.listdir(root)):
-        gdir = os.path.join(root, group)
-        if not os.path.isdir(gdir) or group == "report":
-            continue
-        for bench in sorted(os.listdir(gdir)):
-            est = os.path.join(gdir, bench, "new", "estimates.json")
-            if os.path.exists(est):
-                with open(est) as f:
-                    e = json.load(f)
-                out[f"{group}/{bench}"] = {"median_ns": e["median"]["point_estimate"],
-                                           "mean_ns": e["mean"]["point_estimate"]}
-    return {"benches": out}
+    for d, _dirs, files in sorted(os.walk(root)):
+        if os.path.basename(d) == "new" and "estimates.json" in files:
+            with open(os.path.join(d, "estimates.json")) as f:
+                e = json.load(f)
+            out[os.path.relpath(os.path.dirname(d), root)] = {"median_ns": e["median"]["point_estimate"],
+                                                               "mean_ns": e["mean"]["point_estimate"]}
+    return out

@@ -6,7 +6,7 @@
 //! routing, no filters, no metrics, no access log: whatever infergate costs
 //! above this is infergate's own work, not Pingora's.
 //!
-//! usage: passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads N]
+//! usage: passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads N] [--read-buffer BYTES]
 //! Prints `passthrough listening on http://ADDR` once the listener accepts.
 
 use std::net::{SocketAddr, TcpStream};
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -35,6 +36,10 @@ struct Cli {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Read buffer of each client connection in bytes (Pingora's default is
+    /// 64 KiB); to price that buffer in the memory-per-stream scenario.
+    #[arg(long)]
+    read_buffer: Option<usize>,
 }
 
 struct Passthrough {
@@ -76,7 +81,11 @@ fn main() -> ExitCode {
             upstream: cli.upstream,
         },
     );
-    proxy.add_tcp(&cli.listen.to_string());
+    let mut listener = ListenerConfig::tcp(cli.listen.to_string());
+    if let Some(read) = cli.read_buffer {
+        listener = listener.l4_buffer(L4BufferSettings::default().read(read));
+    }
+    proxy.add_listener(listener);
     server.add_service(proxy);
     let listen = cli.listen;
     std::thread::spawn(move || {
