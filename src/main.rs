@@ -6,13 +6,6 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: under load glibc's allocator took
-/// ~14-15% of the gateway's CPU in `perf` (malloc, free, consolidation across
-/// threads); paired A/B rounds measured ~8% less CPU per request with
-/// mimalloc (docs/performance.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "infergate",
