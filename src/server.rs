@@ -114,6 +114,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         "config reloader",
         crate::reload::Reloader { live: live.clone() },
     ));
+    watch_for_handover(&server, live.clone())?;
     server.add_service(background_service("pool supervisor", Supervisor { live }));
     // the main listener's line first: scripts read the first line
     let mut announce = vec![(listen, "")];
@@ -121,6 +122,38 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     announce.extend(metrics_listen.map(|a| (a, "metrics ")));
     announce_when_listening(announce);
     server.run_forever();
+}
+
+/// From the moment an upgrade starts handing the listeners over (SIGQUIT) or
+/// a shutdown starts, answer every request with `Connection: close`. Pingora
+/// keeps this process accepting for 5 s after the handover and then closes
+/// idle keep-alive connections; a client that reused one just then would see
+/// a reset. Closing each connection after its response moves the clients to
+/// new connections (which the new process accepts) before that.
+fn watch_for_handover(server: &Server, live: std::sync::Arc<Live>) -> Result<(), String> {
+    use pingora_core::server::ExecutionPhase;
+    let mut phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("handover-watch".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(
+                    ExecutionPhase::GracefulUpgradeTransferringFds
+                    | ExecutionPhase::GracefulUpgradeCloseTimeout
+                    | ExecutionPhase::GracefulTerminate
+                    | ExecutionPhase::ShutdownStarted,
+                ) => {
+                    live.closing
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    log::info!("closing client connections after their current response");
+                    return;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the handover watch: {e}"))
 }
 
 /// One round of health checks before the listeners open, so the first

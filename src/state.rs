@@ -121,6 +121,10 @@ pub struct Live {
     /// The generation number, bumped after every successful reload (the
     /// pool supervisor follows it).
     pub reloaded: tokio::sync::watch::Sender<u64>,
+    /// Set when this process is handing over (an upgrade's SIGQUIT) or
+    /// stopping: every response then says `Connection: close`, so clients
+    /// stop reusing connections to it before it closes them.
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
@@ -131,6 +135,7 @@ impl Live {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             reloaded: tokio::sync::watch::Sender::new(generation),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -165,6 +165,12 @@ pools:
     assert_eq!(health["ready"], true, "{health}");
     let old_log = old.stderr();
     assert!(old_log.contains("listener sockets sent"), "{old_log}");
+    // from the handover on, the old process closed each connection after its
+    // response, so no client reused one it was about to close
+    assert!(
+        old_log.contains("closing client connections after their current response"),
+        "{old_log}"
+    );
     let _ = new.kill();
     let _ = new.wait();
     old.kill();

@@ -71,6 +71,12 @@ impl ProxyHttp for Gateway {
         session.as_downstream_mut().set_pipelining_enabled(true);
         // The config this request runs on to its end, whatever reloads happen.
         let app = self.live.current();
+        if self.live.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            // handing over or stopping: this connection ends with this response
+            // (`Connection: close`), so the client does not send its next
+            // request on a connection about to close
+            session.set_keepalive(None);
+        }
         // A client that stops reading must not pin an engine forever.
         session.set_write_timeout(Some(app.config.timeouts.idle));
         self.metrics.http_active.inc();
