@@ -17,6 +17,16 @@ fn free_port() -> u16 {
     probe.local_addr().unwrap().port()
 }
 
+/// Kills the new gateway when the test ends, pass or fail.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
@@ -102,14 +112,16 @@ pools:
 
     // the new binary waits on the upgrade socket for the listeners
     let new_stderr = std::fs::File::create(dir.join("new.log")).unwrap();
-    let mut new = Command::new(GATEWAY_BIN)
-        .args(["--upgrade", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(new_stderr)
-        .spawn()
-        .unwrap();
+    let mut new = Killed(
+        Command::new(GATEWAY_BIN)
+            .args(["--upgrade", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(new_stderr)
+            .spawn()
+            .unwrap(),
+    );
     wait_until(Duration::from_secs(20), "the upgrade socket", || {
         sock.exists()
     });
@@ -160,7 +172,10 @@ pools:
     );
     assert!(after > 20, "the new gateway served only {after} requests");
     // the new one is healthy and holds the port alone
-    assert!(new.try_wait().unwrap().is_none(), "the new gateway exited");
+    assert!(
+        new.0.try_wait().unwrap().is_none(),
+        "the new gateway exited"
+    );
     let health = get_json(&format!("http://127.0.0.1:{port}/health/ready"));
     assert_eq!(health["ready"], true, "{health}");
     let old_log = old.stderr();
@@ -171,7 +186,6 @@ pools:
         old_log.contains("closing client connections after their current response"),
         "{old_log}"
     );
-    let _ = new.kill();
-    let _ = new.wait();
     old.kill();
+    drop(new);
 }
