@@ -209,6 +209,12 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// One reload of `kind` (`config`, `keys`) and whether it worked.
+    pub fn count_reload(&self, kind: &str, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads.with_label_values(&[kind, result]).inc();
+    }
+
     /// Allow the names of a reloaded config as label values (the old ones stay).
     pub fn add_models(&self, names: impl IntoIterator<Item = String>) {
         let mut all = HashSet::clone(&self.models.load());

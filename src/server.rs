@@ -170,11 +170,10 @@ fn first_health_checks(app: &AppState) -> Result<(), String> {
         .map_err(|e| format!("cannot start the first health checks: {e}"))?;
     runtime.block_on(async {
         for pool in app.router.pools() {
-            if let Err(e) = pool.load_backends().await {
+            if let Err(e) = pool.warm_up().await {
                 log::error!("pool {}: loading backends failed: {e}", pool.name());
                 continue;
             }
-            pool.check_health().await;
             log::info!(
                 "pool {}: {}/{} backends healthy after the first check",
                 pool.name(),

@@ -152,15 +152,7 @@ impl Live {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.current();
         let outcome = self.build_next(&old).await;
-        let result = if outcome.is_ok() {
-            "success"
-        } else {
-            "failure"
-        };
-        old.metrics
-            .config_reloads
-            .with_label_values(&["config", result])
-            .inc();
+        old.metrics.count_reload("config", outcome.is_ok());
         match outcome {
             Ok((next, report)) => {
                 self.current.store(next);
@@ -224,13 +216,12 @@ impl Live {
             if old.router.pools().iter().any(|p| Arc::ptr_eq(p, pool)) {
                 continue;
             }
-            if let Err(e) = pool.load_backends().await {
+            if let Err(e) = pool.warm_up().await {
                 return Err(format!(
                     "pool {}: loading backends failed: {e}",
                     pool.name()
                 ));
             }
-            pool.check_health().await;
             if pool.healthy_count() == 0 {
                 warnings.push(format!(
                     "pool `{}` has no healthy backend after its first health check",
@@ -284,51 +275,81 @@ impl Live {
 /// period Pingora was given, the access log's open file) keep their running
 /// values; each one that differs is reported.
 fn keep_restart_only(old: &Config, new: &mut Config, report: &mut Vec<String>) {
-    let (o, n) = (&old.server, &mut new.server);
+    use std::net::SocketAddr;
+    /// The running value stays; `key` is reported when the file's differs.
+    fn keep<T: Clone>(
+        key: &str,
+        running: &T,
+        file: &mut T,
+        same: impl Fn(&T, &T) -> bool,
+        report: &mut Vec<String>,
+    ) {
+        if !same(running, file) {
+            report.push(key.to_string());
+        }
+        *file = running.clone();
+    }
     // port 0 was resolved to a concrete port at start
-    let same_addr = |running: std::net::SocketAddr, file: std::net::SocketAddr| {
+    fn same_addr(running: &SocketAddr, file: &SocketAddr) -> bool {
         running == file || (file.port() == 0 && running.ip() == file.ip())
-    };
-    if !same_addr(o.listen, n.listen) {
-        report.push("server.listen".into());
     }
-    n.listen = o.listen;
-    let same_side = match (o.admin_listen, n.admin_listen) {
-        (Some(a), Some(b)) => same_addr(a, b),
-        (a, b) => a == b,
-    };
-    if !same_side {
-        report.push("server.admin_listen".into());
+    fn same_side(running: &Option<SocketAddr>, file: &Option<SocketAddr>) -> bool {
+        match (running, file) {
+            (Some(a), Some(b)) => same_addr(a, b),
+            (a, b) => a == b,
+        }
     }
-    n.admin_listen = o.admin_listen;
-    let same_side = match (o.metrics_listen, n.metrics_listen) {
-        (Some(a), Some(b)) => same_addr(a, b),
-        (a, b) => a == b,
-    };
-    if !same_side {
-        report.push("server.metrics_listen".into());
-    }
-    n.metrics_listen = o.metrics_listen;
-    if o.threads != n.threads {
-        report.push("server.threads".into());
-        n.threads = o.threads;
-    }
-    if o.grace_period != n.grace_period {
-        report.push("server.grace_period".into());
-        n.grace_period = o.grace_period;
-    }
-    if o.watch_config != n.watch_config {
-        report.push("server.watch_config".into());
-        n.watch_config = o.watch_config;
-    }
-    if o.upgrade_sock != n.upgrade_sock {
-        report.push("server.upgrade_sock".into());
-        n.upgrade_sock = o.upgrade_sock.clone();
-    }
-    if old.access_log != new.access_log {
-        report.push("access_log".into());
-        new.access_log = old.access_log.clone();
-    }
+    let (o, n) = (&old.server, &mut new.server);
+    keep("server.listen", &o.listen, &mut n.listen, same_addr, report);
+    keep(
+        "server.admin_listen",
+        &o.admin_listen,
+        &mut n.admin_listen,
+        same_side,
+        report,
+    );
+    keep(
+        "server.metrics_listen",
+        &o.metrics_listen,
+        &mut n.metrics_listen,
+        same_side,
+        report,
+    );
+    keep(
+        "server.threads",
+        &o.threads,
+        &mut n.threads,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "server.grace_period",
+        &o.grace_period,
+        &mut n.grace_period,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "server.watch_config",
+        &o.watch_config,
+        &mut n.watch_config,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "server.upgrade_sock",
+        &o.upgrade_sock,
+        &mut n.upgrade_sock,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "access_log",
+        &old.access_log,
+        &mut new.access_log,
+        PartialEq::eq,
+        report,
+    );
 }
 
 /// One line per changed pool and section (engines report their own).
@@ -373,31 +394,28 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
 /// only the metrics, never the generation.
 pub fn spawn_keys_watcher(auth: &Arc<Auth>, metrics: Arc<Metrics>) -> Result<(), String> {
     auth.spawn_watcher(Box::new(move |outcome| {
-        let result = if outcome.is_ok() {
-            "success"
-        } else {
-            "failure"
-        };
-        metrics
-            .config_reloads
-            .with_label_values(&["keys", result])
-            .inc();
-        match outcome {
-            Ok(report) => {
-                log::info!(
-                    "keys/users files changed: reloaded {} keys, {} users",
-                    report.keys,
-                    report.users
-                );
-                for warning in &report.warnings {
-                    log::warn!("{warning}");
-                }
-            }
-            Err(reason) => {
-                log::error!(
-                    "keys/users files changed but reloading failed, nothing changed: {reason}"
-                )
+        keys_reloaded(&metrics, "keys/users files changed", &outcome)
+    }))
+}
+
+/// Count and log one reload of the keys/users files, however triggered.
+pub fn keys_reloaded(
+    metrics: &Metrics,
+    trigger: &str,
+    outcome: &Result<infergate_filters::auth::ReloadReport, String>,
+) {
+    metrics.count_reload("keys", outcome.is_ok());
+    match outcome {
+        Ok(report) => {
+            log::info!(
+                "keys reloaded ({trigger}): {} keys, {} users",
+                report.keys,
+                report.users
+            );
+            for warning in &report.warnings {
+                log::warn!("{warning}");
             }
         }
-    }))
+        Err(reason) => log::error!("keys reload ({trigger}) failed, nothing changed: {reason}"),
+    }
 }

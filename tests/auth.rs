@@ -357,7 +357,7 @@ fn reload_endpoint_applies_good_files_and_refuses_corrupt_ones() {
         "the failed reload to be logged",
         || {
             s.gw.stderr()
-                .contains("reload-keys failed, nothing changed")
+                .contains("keys reload (POST /admin/reload-keys) failed, nothing changed")
         },
     );
 }

@@ -296,20 +296,23 @@ impl Engines {
         let current = self.engines.load_full();
         let mut changes = Vec::new();
         let mut next = Vec::with_capacity(new.models.len());
+        // engines to start now, and engines to stop, each with its
+        // replacement to start once it has stopped (a changed definition)
         let mut start_now = Vec::new();
-        let mut retire = Vec::new();
+        let mut retire: Vec<(Arc<Engine>, Option<Arc<Engine>>)> = Vec::new();
         for spec in &new.models {
-            match current.iter().find(|e| e.spec.name == spec.name) {
-                Some(engine) if engine.spec == *spec => next.push(engine.clone()),
+            let fresh = match current.iter().find(|e| e.spec.name == spec.name) {
+                Some(engine) if engine.spec == *spec => {
+                    next.push(engine.clone());
+                    continue;
+                }
                 Some(engine) => {
                     let fresh = Engine::new(spec);
                     let was_up = matches!(engine.state(), State::Running(_) | State::Starting);
-                    if was_up || spec.preload {
-                        start_now.push(fresh.clone());
-                    }
+                    let restart = (was_up || spec.preload).then(|| fresh.clone());
                     changes.push(format!("engine `{}` changed: restarting", spec.name));
-                    retire.push(engine.clone());
-                    next.push(fresh);
+                    retire.push((engine.clone(), restart));
+                    fresh
                 }
                 None => {
                     let fresh = Engine::new(spec);
@@ -317,31 +320,28 @@ impl Engines {
                         start_now.push(fresh.clone());
                     }
                     changes.push(format!("engine `{}` added", spec.name));
-                    next.push(fresh);
+                    fresh
                 }
-            }
+            };
+            next.push(fresh);
         }
         for engine in current.iter() {
             if !new.models.iter().any(|m| m.name == engine.spec.name) {
                 changes.push(format!("engine `{}` removed: draining", engine.spec.name));
-                retire.push(engine.clone());
+                retire.push((engine.clone(), None));
             }
         }
         if changes.is_empty() {
             return (changes, restart_only);
         }
-        lock(&self.retiring).extend(retire.iter().cloned());
+        lock(&self.retiring).extend(retire.iter().map(|(old, _)| old.clone()));
         self.engines.store(Arc::new(next));
-        for engine in retire {
+        for (engine, replacement) in retire {
             let me = self.clone();
-            let fresh = start_now
-                .iter()
-                .position(|e| e.spec.name == engine.spec.name)
-                .map(|i| start_now.remove(i));
             tokio::spawn(async move {
                 me.unload(&engine).await;
                 lock(&me.retiring).retain(|e| !Arc::ptr_eq(e, &engine));
-                if let Some(fresh) = fresh {
+                if let Some(fresh) = replacement {
                     me.start_in_background(fresh);
                 }
             });
@@ -371,19 +371,8 @@ impl Engines {
             });
         }
         let (addr, _use) = self.acquire(engine).await.map_err(AdapterError::Start)?;
-        let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
-        let (status, text) = post_json(addr, "/v1/load_lora_adapter", &body)
-            .await
-            .map_err(|e| AdapterError::Engine {
-                status: 502,
-                message: e,
-            })?;
-        if status != 200 {
-            return Err(AdapterError::Engine {
-                status,
-                message: text,
-            });
-        }
+        let body = serde_json::json!({"lora_name": name, "lora_path": path});
+        adapter_call(addr, "/v1/load_lora_adapter", &body).await?;
         lock(&engine.adapters).push((name.to_string(), path.to_string()));
         Ok(())
     }
@@ -398,19 +387,8 @@ impl Engines {
             return Err(AdapterError::Unknown);
         }
         if let State::Running(addr) = engine.state() {
-            let body = serde_json::json!({"lora_name": name}).to_string();
-            let (status, text) = post_json(addr, "/v1/unload_lora_adapter", &body)
-                .await
-                .map_err(|e| AdapterError::Engine {
-                    status: 502,
-                    message: e,
-                })?;
-            if status != 200 {
-                return Err(AdapterError::Engine {
-                    status,
-                    message: text,
-                });
-            }
+            let body = serde_json::json!({"lora_name": name});
+            adapter_call(addr, "/v1/unload_lora_adapter", &body).await?;
         }
         lock(&engine.adapters).retain(|(n, _)| n != name);
         Ok(())
@@ -1012,6 +990,28 @@ async fn post_json(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, Str
     tokio::time::timeout(Duration::from_secs(120), exchange)
         .await
         .map_err(|_| "the engine did not answer within 120 s".to_string())?
+}
+
+/// vLLM's adapter API: POST `body` to `path`; anything but 200 is an error
+/// with the engine's status and text (502 when it could not be reached).
+async fn adapter_call(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(), AdapterError> {
+    let (status, text) = post_json(addr, path, &body.to_string())
+        .await
+        .map_err(|e| AdapterError::Engine {
+            status: 502,
+            message: e,
+        })?;
+    if status != 200 {
+        return Err(AdapterError::Engine {
+            status,
+            message: text,
+        });
+    }
+    Ok(())
 }
 
 /// One readiness probe: `GET path` answered 200.

@@ -51,12 +51,8 @@ fn reconcile_checks(live: &Live, tasks: &mut Vec<(Arc<Pool>, JoinHandle<()>)>) {
 #[async_trait]
 impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let app = self.live.current();
-        for pool in app.router.pools() {
-            if let Err(e) = pool.load_backends().await {
-                log::error!("pool {}: loading backends failed: {e}", pool.name());
-            }
-        }
+        // every pool was warmed up before the listeners opened (server.rs)
+        // or before its reload was published (state.rs)
         let mut checks = Vec::new();
         reconcile_checks(&self.live, &mut checks);
         let live = self.live.clone();

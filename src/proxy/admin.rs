@@ -91,25 +91,9 @@ pub async fn reload_keys(
         .map_err(|_| GatewayError::Internal {
             detail: "the reload worker failed".into(),
         })?;
-    let result = if outcome.is_ok() {
-        "success"
-    } else {
-        "failure"
-    };
-    app.metrics
-        .config_reloads
-        .with_label_values(&["keys", result])
-        .inc();
+    crate::state::keys_reloaded(&app.metrics, "POST /admin/reload-keys", &outcome);
     match outcome {
         Ok(report) => {
-            log::info!(
-                "keys reloaded via /admin/reload-keys: {} keys, {} users",
-                report.keys,
-                report.users
-            );
-            for warning in &report.warnings {
-                log::warn!("{warning}");
-            }
             let body = json!({
                 "success": true,
                 "keys": report.keys,
@@ -118,16 +102,18 @@ pub async fn reload_keys(
             });
             respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
         }
-        Err(reason) => {
-            log::error!("keys reload via /admin/reload-keys failed, nothing changed: {reason}");
-            Err(GatewayError::rejected(Rejection::new(
-                422,
-                "invalid_request_error",
-                "reload_failed",
-                format!("Nothing was changed: {reason}"),
-            )))
-        }
+        Err(reason) => Err(reload_failed(&reason)),
     }
+}
+
+/// 422 `reload_failed`: the file was refused and nothing changed.
+fn reload_failed(reason: &str) -> GatewayError {
+    GatewayError::rejected(Rejection::new(
+        422,
+        "invalid_request_error",
+        "reload_failed",
+        format!("Nothing was changed: {reason}"),
+    ))
 }
 
 /// `POST /admin/reload`: read the config file again and apply it (the same
@@ -149,12 +135,7 @@ pub async fn reload_config(
             });
             respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
         }
-        Err(reason) => Err(GatewayError::rejected(Rejection::new(
-            422,
-            "invalid_request_error",
-            "reload_failed",
-            format!("Nothing was changed: {reason}"),
-        ))),
+        Err(reason) => Err(reload_failed(&reason)),
     }
 }
 

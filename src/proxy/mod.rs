@@ -535,7 +535,7 @@ fn websocket_model(req: &RequestHeader) -> Option<String> {
 }
 
 /// Choose where a WebSocket upgrade goes: the pool (or managed engine) of
-/// `?model=`, else the default pool; then the usual model access and limits
+/// `?model=`, else the default pool, with the usual model access and limits
 /// (a concurrency slot is held while the socket is open). Pingora then
 /// proxies the upgrade to `ctx.websocket_upstream`.
 async fn websocket_target(
@@ -544,66 +544,51 @@ async fn websocket_target(
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
     let model = websocket_model(session.req_header());
-    let pool = match &model {
-        Some(name) => {
-            if let Some(identity) = &ctx.filters.identity {
-                if !identity.may_use(name) {
-                    return Err(GatewayError::UnknownModel {
-                        model: name.clone(),
-                    });
-                }
-            }
-            if let Some(engine) = app.engines.find(name) {
-                let (address, engine_use) = app
-                    .engines
-                    .acquire(&engine)
-                    .await
-                    .map_err(GatewayError::Engine)?;
-                admit(app, ctx, model.as_deref())?;
-                ctx.model = model.clone();
-                ctx.pool = Some(engine.spec.name.clone());
-                ctx.engine_use = Some(engine_use);
-                ctx.backend = Some(address);
-                ctx.websocket_upstream = Some(address);
-                ctx.proxied = true;
-                return Ok(());
-            }
-            let route =
-                app.router
-                    .resolve_pool(name)
-                    .ok_or_else(|| GatewayError::UnknownModel {
-                        model: name.clone(),
-                    })?;
-            app.router.pool(route.pool)
-        }
-        None => app.router.default_pool().and_then(|i| app.router.pool(i)),
-    }
-    .ok_or(GatewayError::MissingModel)?
-    .clone();
-    admit(app, ctx, model.as_deref())?;
-    let guard = pool
-        .pick_backend(None, &[])
-        .ok_or_else(|| GatewayError::NoHealthyBackend {
-            pool: pool.name().to_string(),
-        })?;
-    let address = guard.state().address;
+    let (target, _served) = choose_target(app, ctx, model.as_deref())?;
     ctx.model = model;
-    ctx.pool = Some(pool.name().to_string());
-    ctx.backend = Some(address);
-    ctx.inflight = Some(guard);
-    ctx.websocket_upstream = Some(address);
+    ctx.pool = Some(target.name().to_string());
     ctx.proxied = true;
+    admit(app, ctx, 0, Some(0))?;
+    let address = match target {
+        Target::Engine(engine) => {
+            let (address, engine_use) = app
+                .engines
+                .acquire(&engine)
+                .await
+                .map_err(GatewayError::Engine)?;
+            ctx.engine_use = Some(engine_use);
+            address
+        }
+        Target::Pool(pool) => {
+            let guard =
+                pool.pick_backend(None, &[])
+                    .ok_or_else(|| GatewayError::NoHealthyBackend {
+                        pool: pool.name().to_string(),
+                    })?;
+            let address = guard.state().address;
+            ctx.inflight = Some(guard);
+            address
+        }
+    };
+    ctx.backend = Some(address);
+    ctx.websocket_upstream = Some(address);
     Ok(())
 }
 
-/// The filters' admission (limits) for a request without a body.
-fn admit(app: &AppState, ctx: &mut RequestCtx, model: Option<&str>) -> Result<(), GatewayError> {
+/// The filters' admission (limits) once the target is known, for the model
+/// in `ctx.model`.
+fn admit(
+    app: &AppState,
+    ctx: &mut RequestCtx,
+    prompt_tokens_estimate: u64,
+    max_output_tokens: Option<u64>,
+) -> Result<(), GatewayError> {
     app.chain
         .on_admit(
             &AdmitInfo {
-                model,
-                prompt_tokens_estimate: 0,
-                max_output_tokens: Some(0),
+                model: ctx.model.as_deref(),
+                prompt_tokens_estimate,
+                max_output_tokens,
             },
             &mut ctx.filters,
         )
@@ -660,6 +645,66 @@ enum Target {
     Engine(Arc<crate::engines::Engine>),
 }
 
+impl Target {
+    /// The pool's name, or the managed model's (the `pool` in logs and metrics).
+    fn name(&self) -> &str {
+        match self {
+            Target::Pool(pool) => pool.name(),
+            Target::Engine(engine) => &engine.spec.name,
+        }
+    }
+}
+
+/// Where `model` goes (managed engines first, then configured and discovered
+/// pool names), or the default pool when the request names none; and the
+/// name to send upstream when it differs (an alias). A model the caller may
+/// not use gets the same 404 as one that does not exist.
+fn choose_target(
+    app: &AppState,
+    ctx: &RequestCtx,
+    model: Option<&str>,
+) -> Result<(Target, Option<String>), GatewayError> {
+    let Some(name) = model else {
+        let pool = app
+            .router
+            .default_pool()
+            .and_then(|index| app.router.pool(index))
+            .ok_or(GatewayError::MissingModel)?;
+        return Ok((Target::Pool(pool.clone()), None));
+    };
+    let unknown = || GatewayError::UnknownModel {
+        model: name.to_string(),
+    };
+    let (target, served) = match app.engines.find(name) {
+        Some(engine) => {
+            // an alias is rewritten; a LoRA adapter's name is what the engine serves
+            let served = engine
+                .spec
+                .aliases
+                .contains_key(name)
+                .then(|| engine.spec.name.clone());
+            (Target::Engine(engine), served)
+        }
+        None => {
+            let route = app.router.resolve_pool(name).ok_or_else(unknown)?;
+            let pool = app
+                .router
+                .pool(route.pool)
+                .ok_or(GatewayError::MissingModel)?
+                .clone();
+            (Target::Pool(pool), route.rewrite_to)
+        }
+    };
+    if let Some(identity) = &ctx.filters.identity {
+        let allowed =
+            identity.may_use(name) || served.as_deref().is_some_and(|s| identity.may_use(s));
+        if !allowed {
+            return Err(unknown());
+        }
+    }
+    Ok((target, served))
+}
+
 async fn proxy_to_model(
     app: &AppState,
     session: &mut Session,
@@ -668,80 +713,25 @@ async fn proxy_to_model(
     field: Option<crate::body::ModelField>,
     info: Option<&BodyInfo>,
 ) -> Result<(), GatewayError> {
-    let identity = ctx.filters.identity.clone();
-    let (target, mut edits) = match &field {
-        Some(field) => {
-            let (target, served) = match app.engines.find(&field.name) {
-                Some(engine) => {
-                    // an alias is rewritten; a LoRA adapter's name is what the engine serves
-                    let served = engine
-                        .spec
-                        .aliases
-                        .contains_key(&field.name)
-                        .then(|| engine.spec.name.clone());
-                    (Target::Engine(engine), served)
-                }
-                None => {
-                    let route = app.router.resolve_pool(&field.name).ok_or_else(|| {
-                        GatewayError::UnknownModel {
-                            model: field.name.clone(),
-                        }
-                    })?;
-                    let pool = app
-                        .router
-                        .pool(route.pool)
-                        .ok_or(GatewayError::MissingModel)?
-                        .clone();
-                    (Target::Pool(pool), route.rewrite_to.clone())
-                }
-            };
-            if let Some(identity) = &identity {
-                let allowed = identity.may_use(&field.name)
-                    || served.as_deref().is_some_and(|s| identity.may_use(s));
-                if !allowed {
-                    // the same answer as a model that does not exist
-                    return Err(GatewayError::UnknownModel {
-                        model: field.name.clone(),
-                    });
-                }
-            }
-            let edits = match &served {
-                Some(served) => vec![model_edit(field, served)],
-                None => Vec::new(),
-            };
-            ctx.model = Some(field.name.clone());
-            (target, edits)
-        }
-        None => {
-            let index = app
-                .router
-                .default_pool()
-                .ok_or(GatewayError::MissingModel)?;
-            let pool = app
-                .router
-                .pool(index)
-                .ok_or(GatewayError::MissingModel)?
-                .clone();
-            (Target::Pool(pool), Vec::new())
-        }
+    let (target, served) = choose_target(app, ctx, field.as_ref().map(|f| f.name.as_str()))?;
+    let mut edits = match (&field, &served) {
+        (Some(field), Some(served)) => vec![model_edit(field, served)],
+        _ => Vec::new(),
     };
-    let (pool_name, inject_usage) = match &target {
-        Target::Pool(pool) => (pool.name().to_string(), pool.config.inject_stream_usage),
-        Target::Engine(engine) => (engine.spec.name.clone(), true),
+    ctx.model = field.as_ref().map(|f| f.name.clone());
+    let inject_usage = match &target {
+        Target::Pool(pool) => pool.config.inject_stream_usage,
+        Target::Engine(_) => true,
     };
-    ctx.pool = Some(pool_name);
+    ctx.pool = Some(target.name().to_string());
     ctx.proxied = true;
     ctx.prompt_estimate = prompt_estimate(body.len());
-    app.chain
-        .on_admit(
-            &AdmitInfo {
-                model: field.as_ref().map(|f| f.name.as_str()),
-                prompt_tokens_estimate: ctx.prompt_estimate,
-                max_output_tokens: info.and_then(|i| i.max_output_tokens),
-            },
-            &mut ctx.filters,
-        )
-        .map_err(GatewayError::rejected)?;
+    admit(
+        app,
+        ctx,
+        ctx.prompt_estimate,
+        info.and_then(|i| i.max_output_tokens),
+    )?;
     if let Some(info) = info {
         ctx.stream = info.stream;
         if inject_usage {

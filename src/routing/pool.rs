@@ -125,6 +125,14 @@ impl Pool {
         &self.config.name
     }
 
+    /// Make a new pool ready to take traffic: load its backends and run its
+    /// first health check (a backend routes only after a passing check).
+    pub async fn warm_up(&self) -> PResult<()> {
+        self.load_backends().await?;
+        self.check_health().await;
+        Ok(())
+    }
+
     /// Load the static backend list into the selector (once, before serving).
     pub async fn load_backends(&self) -> PResult<()> {
         match &self.selector {
