@@ -189,3 +189,125 @@ pools:
     old.kill();
     drop(new);
 }
+
+/// Sends a keep-alive chat request on `conn` and reads one whole response:
+/// its status line, whether it said `Connection: close`, and its body.
+fn exchange(conn: &mut std::net::TcpStream) -> std::io::Result<(String, bool, String)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let body = chat_body("tiny-chat", false);
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut reader = BufReader::new(conn);
+    let mut status = String::new();
+    if reader.read_line(&mut status)? == 0 {
+        return Err(std::io::Error::other("closed without a response"));
+    }
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok((
+        status.trim_end().to_string(),
+        close,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// The old process stops reading new requests when Pingora's close timeout
+/// ends. A connection it accepted whose request arrives at that moment (a
+/// client that connected an instant before) is still answered, and so is an
+/// idle keep-alive connection that sends its next request then; both answers
+/// say `Connection: close`. Before the fix the old process dropped both
+/// unanswered (CI saw one such request fail in 55,231 during an upgrade).
+#[test]
+fn requests_arriving_as_the_old_process_stops_are_answered() {
+    let engine = mock(&["--model", "tiny-chat"]);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let port = free_port();
+    let sock = dir.join("upgrade.sock");
+    let yaml = format!(
+        r#"server:
+  listen: "127.0.0.1:{port}"
+  threads: 2
+  grace_period: 3s
+  upgrade_sock: "{}"
+pools:
+  - name: chat
+    models: ["tiny-chat"]
+    backends: ["{}"]
+    health_check: {{ path: /health, interval: 200ms }}
+"#,
+        sock.display(),
+        engine.addr
+    );
+    let path = dir.join("infergate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let mut old = gateway_file(&path, &[]);
+    wait_healthy(&old, 1);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // both connections belong to the old process: only it is listening yet
+    let mut fresh = raw_connect(addr);
+    let mut idle = raw_connect(addr);
+    let (status, close, _) = exchange(&mut idle).unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(!close, "a keep-alive answer before the upgrade said close");
+
+    let new_stderr = std::fs::File::create(dir.join("new.log")).unwrap();
+    let _new = Killed(
+        Command::new(GATEWAY_BIN)
+            .args(["--upgrade", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(new_stderr)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(20), "the upgrade socket", || {
+        sock.exists()
+    });
+    let quit = Command::new("kill")
+        .args(["-QUIT", &old.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    // the close timeout (5 s) ends and the old process stops its listener
+    wait_until(Duration::from_secs(15), "the old listener to stop", || {
+        old.stderr().contains("Shutting down 127.0.0.1")
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    for (name, conn) in [("fresh", &mut fresh), ("idle keep-alive", &mut idle)] {
+        let answer = exchange(conn);
+        let (status, close, body) = match answer {
+            Ok(a) => a,
+            Err(e) => panic!("{name} connection: {e}\n{}", old.stderr()),
+        };
+        assert!(status.contains(" 200 "), "{name}: {status} {body}");
+        assert!(body.contains("chat.completion"), "{name}: {body}");
+        assert!(close, "{name}: the answer did not say Connection: close");
+    }
+    let exit = loop {
+        if let Some(status) = old.child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "old gateway exit: {exit:?}");
+}

@@ -80,6 +80,10 @@ use pingora_error::{Error, ErrorSource, ErrorType::*, OrErr, Result};
 
 const TASK_BUFFER_SIZE: usize = 4;
 
+/// infergate patch: how long a connection waiting for its next request may
+/// still deliver one once the service shuts down (see `handle_new_request`).
+const SHUTDOWN_READ_GRACE: Duration = Duration::from_secs(1);
+
 /// Caps per-proxy padding and one-time shutdown fan-out on very large hosts.
 const MAX_SHUTDOWN_NOTIFY_SHARDS: usize = 256;
 
@@ -329,12 +333,26 @@ where
     {
         // phase 1 read request header
 
-        let res = tokio::select! {
-            biased; // biased select is cheaper, and we don't want to drop already buffered requests
-            res = downstream_session.read_request() => { res }
-            _ = self.await_shutdown() => {
-                // service shutting down, dropping the connection to stop more req from coming in
-                return None;
+        // infergate patch (vendor/README.md): at shutdown a connection parked here
+        // was dropped at once, unanswered, even when its request was already on
+        // its way: a client that connected an instant before the listener stopped
+        // saw its request fail. Now the same read goes on for
+        // SHUTDOWN_READ_GRACE; a request that arrives in it is served (with
+        // keep-alive off, as for every request after the shutdown), and only a
+        // connection that stays silent is dropped.
+        let res = {
+            let read = downstream_session.read_request();
+            tokio::pin!(read);
+            tokio::select! {
+                biased; // biased select is cheaper, and we don't want to drop already buffered requests
+                res = &mut read => { res }
+                _ = self.await_shutdown() => {
+                    match time::timeout(SHUTDOWN_READ_GRACE, &mut read).await {
+                        Ok(res) => res,
+                        // service shutting down, dropping the connection to stop more req from coming in
+                        Err(_) => return None,
+                    }
+                }
             }
         };
         match res {
