@@ -9,6 +9,11 @@
 //! usage: passthrough --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT [--threads N] [--read-buffer BYTES]
 //! Prints `passthrough listening on http://ADDR` once the listener accepts.
 
+/// The same allocator as infergate, so the ladder's gap between the two is
+/// infergate's own work, not a difference of allocators.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -67,6 +72,8 @@ impl ProxyHttp for Passthrough {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // as infergate does (src/main.rs)
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let conf = ServerConf {
         threads: cli.threads.max(1),
         grace_period_seconds: Some(0),
