@@ -63,7 +63,8 @@ def goals(res):
         x = d["summary"][lvl].get(GW)
         if x:
             add(f"≤ 16 KiB per idle stream ({lvl} streams)", f"{x['kib_per_stream']:.1f} KiB",
-                x["kib_per_stream"] <= 16, f"RSS after close − before: {f(x['after_minus_base_kib'])} KiB")
+                x["kib_per_stream"] <= 16, f"RSS after close − before: {f(x['after_minus_base_kib'])} KiB at 2 s, "
+                f"{f(x.get('settled_minus_base_kib'))} KiB settled")
     e = R.get("body_size")
     if e:
         worst = max((e["summary"][k][GW]["added_p50_us"] or 0, k) for k in e["summary"]
@@ -160,12 +161,19 @@ def markdown(res):
     d = R.get("open_streams")
     if d:
         o += ["### (d) Concurrent open (idle) streams: proxy RSS", "",
-              "| streams | target | KiB per stream | RSS before KiB | RSS open KiB | after close − before KiB "
-              "| opened (min) | failed |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "| streams | target | KiB per stream | RSS before KiB | RSS open KiB | after close − before KiB (2 s) "
+              "| settled − before KiB | rounds back near base (≤ s) | opened (min) | failed |",
+              "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for lvl, s in d["summary"].items():
             for t, x in s.items():
+                back = "–"
+                if "settled_rounds" in x:
+                    back = f"{x['settled_rounds']}/{d['rounds']}"
+                    if x.get("settle_seconds_max") is not None:
+                        back += f" (≤ {x['settle_seconds_max']:.0f} s)"
                 o.append(f"| {lvl} | {LABEL.get(t, t)} | {f(x['kib_per_stream'], 1)} | {f(x['rss_base_kib'])} "
-                         f"| {f(x['rss_loaded_kib'])} | {f(x['after_minus_base_kib'], 0, True)} | {x['open_min']} "
+                         f"| {f(x['rss_loaded_kib'])} | {f(x['after_minus_base_kib'], 0, True)} "
+                         f"| {f(x.get('settled_minus_base_kib'), 0, True)} | {back} | {x['open_min']} "
                          f"| {x['failed']} |")
         o.append("")
     e = R.get("body_size")

@@ -184,6 +184,10 @@ def streaming(lab, targets, levels, rounds, duration, aborts):
 
 
 # ------------------------------------------------------------------ (d) open streams
+# how long (d) waits, after the streams close, for RSS to come back near base
+SETTLE_S = 15.0
+
+
 def open_streams(lab, targets, levels, rounds):
     body = json.dumps({"model": UPSTREAMS["hold"], "stream": True,
                        "messages": [{"role": "user", "content": "hi"}]})
@@ -205,16 +209,31 @@ def open_streams(lab, targets, levels, rounds):
                 p.stdin.flush()
                 p.stdout.readline()
                 p.wait(60)
+                closed = time.monotonic()
                 time.sleep(2.0)
                 after = rss_kib(pids)
+                # then wait (up to SETTLE_S) for the process to give memory
+                # back: an allocator may purge freed pages on a timer
+                settled, settle_s = after, None
+                while True:
+                    if settled - base <= max(1024, 0.1 * (loaded - base)):
+                        settle_s = time.monotonic() - closed
+                        break
+                    if time.monotonic() - closed >= SETTLE_S:
+                        break
+                    time.sleep(0.5)
+                    settled = rss_kib(pids)
                 x = {"target": t, "streams": n, "round": r, "open": ready.get("open", 0),
                      "failed": ready.get("failed"), "open_seconds": ready.get("seconds"),
                      "rss_base_kib": base, "rss_loaded_kib": loaded, "rss_after_kib": after,
+                     "rss_settled_kib": settled, "settle_seconds": settle_s,
                      "kib_per_stream": (loaded - base) / max(ready.get("open", 0), 1),
-                     "after_minus_base_kib": after - base}
+                     "after_minus_base_kib": after - base, "settled_minus_base_kib": settled - base}
                 raw.append(x)
+                back = f"back near base in {settle_s:.1f}s" if settle_s is not None else f"not back after {SETTLE_S}s"
                 log(f"(d) {n:>5} streams round {r} {t:<24} open {x['open']} in {x['open_seconds']:.1f}s; "
-                    f"RSS {base} -> {loaded} -> {after} KiB: {x['kib_per_stream']:.1f} KiB/stream")
+                    f"RSS {base} -> {loaded} -> {after} (2s) -> {settled} KiB ({back}): "
+                    f"{x['kib_per_stream']:.1f} KiB/stream")
     summary = {}
     for n in levels:
         for t in targets:
@@ -224,6 +243,10 @@ def open_streams(lab, targets, levels, rounds):
                 "rss_base_kib": med([x["rss_base_kib"] for x in rs]),
                 "rss_loaded_kib": med([x["rss_loaded_kib"] for x in rs]),
                 "after_minus_base_kib": med([x["after_minus_base_kib"] for x in rs]),
+                "settled_minus_base_kib": med([x["settled_minus_base_kib"] for x in rs]),
+                "settled_rounds": sum(1 for x in rs if x["settle_seconds"] is not None),
+                "settle_seconds_max": max((x["settle_seconds"] for x in rs if x["settle_seconds"] is not None),
+                                          default=None),
                 "open_min": min(x["open"] for x in rs), "failed": sum(x["failed"] or 0 for x in rs)}
     return {"raw": raw, "summary": summary, "rounds": rounds, "levels": levels}
 
