@@ -67,6 +67,16 @@ pub struct Metrics {
     /// Model names that may appear as label values: every name any config
     /// (start or reload) declared; only grows, so series never go stale.
     models: arc_swap::ArcSwap<HashSet<String>>,
+    /// The backend (pool, address) and `vllm_model_loaded` label values the
+    /// last refresh wrote: those a reload removed are dropped from the
+    /// exposition instead of showing their last value forever.
+    exported: std::sync::Mutex<Exported>,
+}
+
+#[derive(Default)]
+struct Exported {
+    backends: HashSet<(String, String)>,
+    loaded: HashSet<String>,
 }
 
 /// Methods that get their own label value; anything else is `other`.
@@ -197,6 +207,7 @@ impl Metrics {
                 &["pool", "backend"])),
             registry,
             models: arc_swap::ArcSwap::from_pointee(models),
+            exported: std::sync::Mutex::default(),
         };
         let build = register!(
             metrics.registry,
@@ -291,10 +302,13 @@ impl Metrics {
                 .with_label_values(&[id.as_str()])
                 .set(gpu.memory.used_mb as f64);
         }
+        let mut backends = HashSet::new();
+        let mut loaded = HashSet::new();
         for pool in app.router.pools() {
             for state in pool.backend_states() {
                 let backend = state.address.to_string();
                 let labels = [pool.name(), backend.as_str()];
+                backends.insert((pool.name().to_string(), backend.clone()));
                 set_counter(
                     &self.backend_requests,
                     &labels,
@@ -315,17 +329,43 @@ impl Metrics {
                     .with_label_values(&labels)
                     .set(state.response_time_us.load(Ordering::Relaxed) as f64 / 1e6);
             }
-            let loaded = i64::from(pool.serving_backends().next().is_some());
+            let any_serving = i64::from(pool.serving_backends().next().is_some());
             for model in pool.config.models.iter().chain(pool.config.aliases.keys()) {
-                self.model_loaded.with_label_values(&[model]).set(loaded);
+                self.model_loaded
+                    .with_label_values(&[model])
+                    .set(any_serving);
+                loaded.insert(model.clone());
             }
         }
         for engine in app.engines.all().iter() {
             let running = i64::from(matches!(engine.state(), crate::engines::State::Running(_)));
             for id in std::iter::once(&engine.spec.name).chain(engine.spec.aliases.keys()) {
                 self.model_loaded.with_label_values(&[id]).set(running);
+                loaded.insert(id.clone());
             }
         }
+        self.drop_removed(backends, loaded);
+    }
+
+    /// Remove the series of backends and models the config no longer has
+    /// (a reload took them out); keep what was written this time.
+    fn drop_removed(&self, backends: HashSet<(String, String)>, loaded: HashSet<String>) {
+        let mut exported = self
+            .exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (pool, backend) in exported.backends.difference(&backends) {
+            let labels = [pool.as_str(), backend.as_str()];
+            let _ = self.backend_requests.remove_label_values(&labels);
+            let _ = self.backend_errors.remove_label_values(&labels);
+            let _ = self.backend_in_flight.remove_label_values(&labels);
+            let _ = self.backend_healthy.remove_label_values(&labels);
+            let _ = self.backend_response_time.remove_label_values(&labels);
+        }
+        for model in exported.loaded.difference(&loaded) {
+            let _ = self.model_loaded.remove_label_values(&[model.as_str()]);
+        }
+        *exported = Exported { backends, loaded };
     }
 }
 

@@ -397,3 +397,52 @@ fn fifty_reloads_under_load_fail_no_request() {
         assert!(stats["requests"].as_u64().unwrap_or(0) > 0, "{stats}");
     }
 }
+
+/// A reload that removes a backend and an alias also removes their series
+/// from /metrics; what stays keeps being reported.
+#[test]
+fn a_reload_drops_the_metrics_of_what_it_removed() {
+    let a = mock(&["--model", "tiny-chat"]);
+    let b = mock(&["--model", "tiny-chat"]);
+    let dir = temp_config_dir();
+    let path = dir.join("infergate.yaml");
+    std::fs::write(&path, config(&[a.addr, b.addr], "old-alias", "")).unwrap();
+    let gw = start(&path);
+    wait_healthy(&gw, 2);
+    let metrics = || {
+        client()
+            .get(gw.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    let healthy = |addr: SocketAddr| {
+        format!("infergate_backend_healthy{{backend=\"{addr}\",pool=\"chat\"}} 1")
+    };
+    let before = metrics();
+    assert!(before.contains(&healthy(a.addr)), "{before}");
+    assert!(before.contains(&healthy(b.addr)), "{before}");
+    assert!(
+        before.contains("vllm_model_loaded{model_id=\"old-alias\"} 1"),
+        "{before}"
+    );
+
+    write_atomic(&path, &config(&[a.addr], "new-alias", ""));
+    let (status, body) = admin_reload(&gw);
+    assert_eq!(status, 200, "{body}");
+    let after = metrics();
+    assert!(after.contains(&healthy(a.addr)), "{after}");
+    assert!(
+        !after.contains(&format!("backend=\"{}\"", b.addr)),
+        "a removed backend is still exported:\n{after}"
+    );
+    assert!(
+        !after.contains("model_id=\"old-alias\""),
+        "a removed alias is still exported:\n{after}"
+    );
+    assert!(
+        after.contains("vllm_model_loaded{model_id=\"new-alias\"} 1"),
+        "{after}"
+    );
+}
