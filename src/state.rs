@@ -202,14 +202,14 @@ impl Live {
         // everything that can fail, before anything changes
         let router = Router::rebuild(&config, &old.router)
             .map_err(|e| format!("cannot build pools: {e}"))?;
-        let built = infergate_filters::registry::build_with(
+        let mut built = infergate_filters::registry::build_with(
             &config.filters,
             Previous {
                 auth: old.auth.as_ref(),
                 limits: old.limits.as_ref(),
             },
         )?;
-        let mut warnings = built.warnings;
+        let mut warnings = std::mem::take(&mut built.warnings);
         // new or changed pools get their first health check before they take
         // traffic (a backend routes only after a passing check)
         for pool in router.pools() {
@@ -237,6 +237,7 @@ impl Live {
         }
 
         // applied from here on: nothing below fails
+        built.commit_files();
         let (engine_changes, engine_restart) = old.engines.reconcile(&config.engines);
         changes.extend(engine_changes);
         restart_required.extend(engine_restart);

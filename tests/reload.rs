@@ -446,3 +446,88 @@ fn a_reload_drops_the_metrics_of_what_it_removed() {
         "{after}"
     );
 }
+
+/// A reload that fails leaves the running keys alone even though it re-read
+/// the key file: the new file is only put in use with the rest of the
+/// config.
+#[test]
+fn a_failed_reload_does_not_apply_the_key_file_it_read() {
+    let engine = mock(&["--model", "tiny-chat"]);
+    let dir = temp_config_dir();
+    let keys = dir.join("keys.json");
+    let admin = "sk-admin-000000000000000000000000";
+    let old_key = "sk-old-0000000000000000000000000000";
+    let new_key = "sk-new-0000000000000000000000000000";
+    let write_keys = |user_key: &str, quota: &str| {
+        write_atomic(
+            &keys,
+            &format!(
+                r#"{{"keys": [{{"key": "{admin}", "user": "ops", "role": "admin"}},
+                 {{"key": "{user_key}", "user": "app"{quota}}}]}}"#
+            ),
+        );
+    };
+    write_keys(old_key, "");
+    let filters = |data_dir: &str| {
+        format!(
+            "filters:\n  - auth: {{ api_keys_file: \"{}\" }}\n  - limits: {{ global: {{ requests_per_second: 1000 }}{data_dir} }}",
+            keys.display()
+        )
+    };
+    let path = dir.join("infergate.yaml");
+    std::fs::write(&path, config(&[engine.addr], "chat", &filters(""))).unwrap();
+    let gw = start(&path);
+    wait_healthy(&gw, 1);
+    let status_with = |key: &str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(chat_body("tiny-chat", false))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let reload = || {
+        let r = client()
+            .post(format!("http://{}/admin/reload", gw.admin))
+            .header("authorization", format!("Bearer {admin}"))
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap_or_default())
+    };
+    assert_eq!(status_with(old_key), 200);
+
+    // the new key file gives its key a quota, which needs limits.data_dir:
+    // the reload fails after the file was read
+    write_keys(new_key, r#", "quota": 1000"#);
+    let (status, body) = reload();
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("data_dir"), "{message}");
+    assert_eq!(status_with(old_key), 200, "the running keys changed");
+    assert_eq!(
+        status_with(new_key),
+        401,
+        "the refused key file was applied"
+    );
+
+    // with data_dir the same files load, and the new key replaces the old
+    let data = dir.join("data");
+    write_atomic(
+        &path,
+        &config(
+            &[engine.addr],
+            "chat",
+            &filters(&format!(", data_dir: \"{}\"", data.display())),
+        ),
+    );
+    let (status, body) = reload();
+    assert_eq!(status, 200, "{body}");
+    wait_until(Duration::from_secs(10), "the new key", || {
+        status_with(new_key) == 200
+    });
+    assert_eq!(status_with(old_key), 401);
+}

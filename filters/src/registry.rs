@@ -5,7 +5,7 @@
 //!   - request_id: { header: x-request-id }
 //! ```
 
-use crate::auth::{Auth, AuthConfig, AuthFilter};
+use crate::auth::{Auth, AuthConfig, AuthFilter, StagedFiles};
 use crate::cors::{Cors, CorsConfig};
 use crate::limits::{Limits, LimitsConfig, LimitsFilter};
 use crate::request_id::{RequestId, RequestIdConfig};
@@ -107,6 +107,20 @@ pub struct Built {
     pub auth: Option<Arc<Auth>>,
     /// The `limits` filter's state (`/admin/usage`), when configured.
     pub limits: Option<Arc<Limits>>,
+    /// A kept `auth`'s re-read key and user files, put in use by
+    /// [`Built::commit_files`] once the whole reload has succeeded.
+    staged: Option<(Arc<Auth>, StagedFiles)>,
+}
+
+impl Built {
+    /// Put the files a reload re-read in use. Call it when nothing else can
+    /// fail any more: until then, a failed reload leaves the running keys
+    /// and users as they were.
+    pub fn commit_files(&mut self) {
+        if let Some((auth, staged)) = self.staged.take() {
+            auth.apply_staged(staged);
+        }
+    }
 }
 
 /// What a config reload may keep from the running chain.
@@ -131,6 +145,7 @@ pub fn build_with(configs: &[FilterConfig], previous: Previous<'_>) -> Result<Bu
     let mut warnings = Vec::new();
     let mut auth = None;
     let mut limits = None;
+    let mut staged: Option<(Arc<Auth>, StagedFiles)> = None;
     for config in configs {
         match config {
             FilterConfig::RequestId(cfg) => filters.push(Box::new(RequestId::new(cfg.clone()))),
@@ -138,8 +153,9 @@ pub fn build_with(configs: &[FilterConfig], previous: Previous<'_>) -> Result<Bu
             FilterConfig::Auth(cfg) => {
                 let built = match previous.auth.filter(|a| a.config() == cfg) {
                     Some(same) => {
-                        let mut report = same.reload()?;
+                        let (files, mut report) = same.stage_reload()?;
                         warnings.append(&mut report.warnings);
+                        staged = Some((same.clone(), files));
                         same.clone()
                     }
                     None => {
@@ -162,24 +178,22 @@ pub fn build_with(configs: &[FilterConfig], previous: Previous<'_>) -> Result<Bu
             }
         }
     }
+    // the identities the chain will have: the staged files', if any
+    let identities = match (&staged, &auth) {
+        (Some((_, files)), _) => files.identities(),
+        (None, Some(auth)) => auth.identities(),
+        (None, None) => Vec::new(),
+    };
     // A quota must outlive restarts: it needs the store.
-    if let (Some(auth), Some(limits)) = (&auth, &limits) {
-        let with_quota = auth
-            .identities()
-            .iter()
-            .filter(|i| i.quota.is_some())
-            .count();
+    if let (Some(_), Some(limits)) = (&auth, &limits) {
+        let with_quota = identities.iter().filter(|i| i.quota.is_some()).count();
         if with_quota > 0 && !limits.has_store() {
             return Err(format!(
                 "{with_quota} keys or users have a quota, but the limits filter has no data_dir to keep usage across restarts; set limits.data_dir"
             ));
         }
     }
-    if auth
-        .as_ref()
-        .is_some_and(|a| a.identities().iter().any(|i| i.quota.is_some()))
-        && limits.is_none()
-    {
+    if identities.iter().any(|i| i.quota.is_some()) && limits.is_none() {
         warnings.push(
             "keys or users have a quota, but no `limits` filter is configured: quotas are not enforced".to_string(),
         );
@@ -189,6 +203,7 @@ pub fn build_with(configs: &[FilterConfig], previous: Previous<'_>) -> Result<Bu
         warnings,
         auth,
         limits,
+        staged,
     })
 }
 

@@ -300,6 +300,32 @@ pub struct LoginGrant {
     pub user_id: u64,
 }
 
+/// Key and user files read and checked by [`Auth::stage_reload`], not in
+/// use yet.
+pub struct StagedFiles {
+    /// What was in use when they were read.
+    base: Arc<Snapshot>,
+    next: Snapshot,
+}
+
+impl StagedFiles {
+    /// The identities the staged files define (as [`Auth::identities`]).
+    pub fn identities(&self) -> Vec<Arc<Identity>> {
+        let mut all = self.next.keys.identities();
+        all.extend(self.next.users.identities());
+        all
+    }
+}
+
+impl std::fmt::Debug for StagedFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedFiles")
+            .field("keys", &self.next.keys.len())
+            .field("users", &self.next.users.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a reload loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReloadReport {
@@ -510,14 +536,36 @@ impl Auth {
             .reload_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (snapshot, warnings) = load_snapshot(&self.config, self.jwt.is_some())?;
+        let (staged, report) = self.stage_reload()?;
+        self.replace_snapshot(staged.next);
+        Ok(report)
+    }
+
+    /// Read and check both files for a config reload without using them yet:
+    /// the rest of the new config may still fail. [`Auth::apply_staged`]
+    /// puts them in use.
+    pub fn stage_reload(&self) -> Result<(StagedFiles, ReloadReport), String> {
+        let base = self.snapshot();
+        let (next, warnings) = load_snapshot(&self.config, self.jwt.is_some())?;
         let report = ReloadReport {
-            keys: snapshot.keys.len(),
-            users: snapshot.users.len(),
+            keys: next.keys.len(),
+            users: next.users.len(),
             warnings,
         };
-        self.replace_snapshot(snapshot);
-        Ok(report)
+        Ok((StagedFiles { base, next }, report))
+    }
+
+    /// Put staged files in use, unless the files were reloaded since they
+    /// were staged (the watcher got there first, with content at least as
+    /// new): then the staged copy is dropped.
+    pub fn apply_staged(&self, staged: StagedFiles) {
+        let _one_at_a_time = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if Arc::ptr_eq(&self.snapshot(), &staged.base) {
+            self.replace_snapshot(staged.next);
+        }
     }
 
     /// Watch the files (when `watch: true`; otherwise this does nothing) and
