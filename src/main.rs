@@ -2,6 +2,9 @@
 //! API keys and users.
 
 use clap::{Parser, Subcommand};
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// jemalloc instead of glibc malloc: about 17% less CPU per request under
 /// load (glibc's arena locks showed up in `perf`), and with its background
@@ -9,9 +12,6 @@ use clap::{Parser, Subcommand};
 /// (glibc kept it, and grew again on the next wave). docs/performance.md.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use std::io::BufRead;
-use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
