@@ -158,7 +158,9 @@ fn least_inflight_sends_new_work_to_the_idle_backend() {
         "--name",
         "slow",
         "--ttft-ms",
-        "3000",
+        // long enough that the request on `slow` is still in flight while
+        // the five below are counted, even on a busy machine (3 s was not)
+        "10000",
     ]);
     let fast = mock(&["--model", "tiny-chat", "--name", "fast"]);
     let gw = gateway(&one_pool(
