@@ -163,11 +163,14 @@ fn least_inflight_sends_new_work_to_the_idle_backend() {
         "10000",
     ]);
     let fast = mock(&["--model", "tiny-chat", "--name", "fast"]);
-    let gw = gateway(&one_pool(
-        &[slow.addr, fast.addr],
-        "    balance: least_inflight",
-        "",
-    ));
+    // a health check missed on a busy machine must not take `fast` out of
+    // rotation while the requests are counted: this test is about balance
+    let gw = gateway(
+        &one_pool(&[slow.addr, fast.addr], "    balance: least_inflight", "").replace(
+            "interval: 200ms }",
+            "interval: 200ms, unhealthy_after: 20 }",
+        ),
+    );
     wait_healthy(&gw, 2);
     // occupy whichever backend the first requests land on until one sits on `slow`
     let url = gw.url("/v1/chat/completions");
@@ -187,8 +190,36 @@ fn least_inflight_sends_new_work_to_the_idle_backend() {
         "one request in flight on slow",
         || get_json(&slow.url("/mock/stats"))["active"] == 1,
     );
+    // and the gateway itself counts it in flight there
+    let in_flight_on_slow = format!(
+        "infergate_backend_in_flight{{backend=\"{}\",pool=\"chat\"}} 1",
+        slow.addr
+    );
+    let backend_lines = || {
+        let text = client()
+            .get(gw.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("infergate_backend_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "the gateway's in-flight count on slow",
+        || backend_lines().contains(&in_flight_on_slow),
+    );
     let counts = instance_counts(&gw, 5, None);
-    assert_eq!(counts.get("fast"), Some(&5), "{counts:?}");
+    assert_eq!(
+        counts.get("fast"),
+        Some(&5),
+        "{counts:?}\n{}\n{}",
+        backend_lines(),
+        gw.stderr()
+    );
     for t in busy {
         assert_eq!(t.join().unwrap().unwrap(), 200);
     }
