@@ -196,13 +196,8 @@ fn least_inflight_sends_new_work_to_the_idle_backend() {
         slow.addr
     );
     let backend_lines = || {
-        let text = client()
-            .get(gw.url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        text.lines()
+        metrics_text(&gw)
+            .lines()
             .filter(|l| l.starts_with("infergate_backend_"))
             .collect::<Vec<_>>()
             .join("\n")

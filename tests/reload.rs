@@ -15,11 +15,7 @@ use std::time::Duration;
 
 /// `infergate_config_reloads_total{kind="config",result}` from /metrics.
 fn reloads(gw: &Proc, result: &str) -> u64 {
-    let text = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .and_then(|r| r.text())
-        .unwrap_or_default();
+    let text = metrics_text(gw);
     let key = format!("infergate_config_reloads_total{{kind=\"config\",result=\"{result}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&key))
@@ -409,18 +405,10 @@ fn a_reload_drops_the_metrics_of_what_it_removed() {
     std::fs::write(&path, config(&[a.addr, b.addr], "old-alias", "")).unwrap();
     let gw = start(&path);
     wait_healthy(&gw, 2);
-    let metrics = || {
-        client()
-            .get(gw.url("/metrics"))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    };
     let healthy = |addr: SocketAddr| {
         format!("infergate_backend_healthy{{backend=\"{addr}\",pool=\"chat\"}} 1")
     };
-    let before = metrics();
+    let before = metrics_text(&gw);
     assert!(before.contains(&healthy(a.addr)), "{before}");
     assert!(before.contains(&healthy(b.addr)), "{before}");
     assert!(
@@ -431,7 +419,7 @@ fn a_reload_drops_the_metrics_of_what_it_removed() {
     write_atomic(&path, &config(&[a.addr], "new-alias", ""));
     let (status, body) = admin_reload(&gw);
     assert_eq!(status, 200, "{body}");
-    let after = metrics();
+    let after = metrics_text(&gw);
     assert!(after.contains(&healthy(a.addr)), "{after}");
     assert!(
         !after.contains(&format!("backend=\"{}\"", b.addr)),

@@ -27,6 +27,100 @@ impl Drop for Killed {
     }
 }
 
+/// A running gateway on a fixed port (an upgrade takes the port over), with
+/// its upgrade socket, behind one mock engine.
+struct Upgradable {
+    _engine: Proc,
+    dir: std::path::PathBuf,
+    port: u16,
+    sock: std::path::PathBuf,
+    path: std::path::PathBuf,
+    old: Proc,
+}
+
+/// Start the first gateway: one `chat` pool on a mock started with
+/// `engine_args`, plus the YAML `filters` (a `filters:` block, or "").
+fn start_old(engine_args: &[&str], filters: &str) -> Upgradable {
+    let engine = mock(engine_args);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let port = free_port();
+    let sock = dir.join("upgrade.sock");
+    let yaml = format!(
+        r#"server:
+  listen: "127.0.0.1:{port}"
+  threads: 2
+  grace_period: 3s
+  upgrade_sock: "{}"
+{filters}
+pools:
+  - name: chat
+    models: ["tiny-chat"]
+    backends: ["{}"]
+    health_check: {{ path: /health, interval: 200ms }}
+"#,
+        sock.display(),
+        engine.addr
+    );
+    let path = dir.join("infergate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let old = gateway_file(&path, &[]);
+    wait_healthy(&old, 1);
+    Upgradable {
+        _engine: engine,
+        dir,
+        port,
+        sock,
+        path,
+        old,
+    }
+}
+
+impl Upgradable {
+    /// Start the new binary with `--upgrade`; it waits on the upgrade socket
+    /// for the listeners.
+    fn start_new(&self) -> Killed {
+        let new_stderr = std::fs::File::create(self.dir.join("new.log")).unwrap();
+        let new = Killed(
+            Command::new(GATEWAY_BIN)
+                .args(["--upgrade", "--config"])
+                .arg(&self.path)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(new_stderr)
+                .spawn()
+                .unwrap(),
+        );
+        wait_until(Duration::from_secs(20), "the upgrade socket", || {
+            self.sock.exists()
+        });
+        new
+    }
+
+    /// SIGQUIT: the old process hands its listeners over.
+    fn quit_old(&self) {
+        let quit = Command::new("kill")
+            .args(["-QUIT", &self.old.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(quit.success());
+    }
+
+    /// Wait (at most 30 s) for the old process to exit.
+    fn old_exit(&mut self) -> std::process::ExitStatus {
+        let since = Instant::now();
+        loop {
+            if let Some(status) = self.old.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "the old gateway did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
@@ -36,34 +130,15 @@ struct Tally {
 
 #[test]
 fn an_upgrade_under_load_refuses_no_connection() {
-    let engine = mock(&["--model", "tiny-chat", "--token-interval-ms", "5"]);
-    let dir = tempfile::tempdir().unwrap().keep();
-    let port = free_port();
-    let sock = dir.join("upgrade.sock");
-    let data = dir.join("data");
-    let yaml = format!(
-        r#"server:
-  listen: "127.0.0.1:{port}"
-  threads: 2
-  grace_period: 3s
-  upgrade_sock: "{}"
-filters:
-  - request_id: {{}}
-  - limits: {{ data_dir: "{}", global: {{ requests_per_second: 100000 }} }}
-pools:
-  - name: chat
-    models: ["tiny-chat"]
-    backends: ["{}"]
-    health_check: {{ path: /health, interval: 200ms }}
-"#,
-        sock.display(),
-        data.display(),
-        engine.addr
+    let data = tempfile::tempdir().unwrap().keep().join("data");
+    let mut up = start_old(
+        &["--model", "tiny-chat", "--token-interval-ms", "5"],
+        &format!(
+            "filters:\n  - request_id: {{}}\n  - limits: {{ data_dir: \"{}\", global: {{ requests_per_second: 100000 }} }}",
+            data.display()
+        ),
     );
-    let path = dir.join("infergate.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let mut old = gateway_file(&path, &[]);
-    wait_healthy(&old, 1);
+    let port = up.port;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
@@ -110,40 +185,12 @@ pools:
     }
     std::thread::sleep(Duration::from_millis(500));
 
-    // the new binary waits on the upgrade socket for the listeners
-    let new_stderr = std::fs::File::create(dir.join("new.log")).unwrap();
-    let mut new = Killed(
-        Command::new(GATEWAY_BIN)
-            .args(["--upgrade", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(new_stderr)
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(Duration::from_secs(20), "the upgrade socket", || {
-        sock.exists()
-    });
+    let mut new = up.start_new();
     let before = tally.ok.load(Ordering::Relaxed);
-    let quit = Command::new("kill")
-        .args(["-QUIT", &old.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(quit.success());
+    up.quit_old();
     // the old process hands over, keeps serving 5 s (Pingora's close
     // timeout), drains for the 3 s grace and exits
-    let handed_over = Instant::now();
-    let exit = loop {
-        if let Some(status) = old.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            handed_over.elapsed() < Duration::from_secs(30),
-            "the old gateway did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = up.old_exit();
     let during = tally.ok.load(Ordering::Relaxed) - before;
     // traffic keeps flowing to the new process alone
     let after_exit = tally.ok.load(Ordering::Relaxed);
@@ -168,7 +215,7 @@ pools:
     assert!(
         exit.success(),
         "old gateway exit: {exit:?}\n{}",
-        old.stderr()
+        up.old.stderr()
     );
     assert!(after > 20, "the new gateway served only {after} requests");
     // the new one is healthy and holds the port alone
@@ -178,7 +225,7 @@ pools:
     );
     let health = get_json(&format!("http://127.0.0.1:{port}/health/ready"));
     assert_eq!(health["ready"], true, "{health}");
-    let old_log = old.stderr();
+    let old_log = up.old.stderr();
     assert!(old_log.contains("listener sockets sent"), "{old_log}");
     // from the handover on, the old process closed each connection after its
     // response, so no client reused one it was about to close
@@ -186,7 +233,7 @@ pools:
         old_log.contains("closing client connections after their current response"),
         "{old_log}"
     );
-    old.kill();
+    up.old.kill();
     drop(new);
 }
 
@@ -237,30 +284,8 @@ fn exchange(conn: &mut std::net::TcpStream) -> std::io::Result<(String, bool, St
 /// unanswered (CI saw one such request fail in 55,231 during an upgrade).
 #[test]
 fn requests_arriving_as_the_old_process_stops_are_answered() {
-    let engine = mock(&["--model", "tiny-chat"]);
-    let dir = tempfile::tempdir().unwrap().keep();
-    let port = free_port();
-    let sock = dir.join("upgrade.sock");
-    let yaml = format!(
-        r#"server:
-  listen: "127.0.0.1:{port}"
-  threads: 2
-  grace_period: 3s
-  upgrade_sock: "{}"
-pools:
-  - name: chat
-    models: ["tiny-chat"]
-    backends: ["{}"]
-    health_check: {{ path: /health, interval: 200ms }}
-"#,
-        sock.display(),
-        engine.addr
-    );
-    let path = dir.join("infergate.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let mut old = gateway_file(&path, &[]);
-    wait_healthy(&old, 1);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut up = start_old(&["--model", "tiny-chat"], "");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", up.port).parse().unwrap();
 
     // both connections belong to the old process: only it is listening yet
     let mut fresh = raw_connect(addr);
@@ -269,45 +294,23 @@ pools:
     assert!(status.contains(" 200 "), "{status}");
     assert!(!close, "a keep-alive answer before the upgrade said close");
 
-    let new_stderr = std::fs::File::create(dir.join("new.log")).unwrap();
-    let _new = Killed(
-        Command::new(GATEWAY_BIN)
-            .args(["--upgrade", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(new_stderr)
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(Duration::from_secs(20), "the upgrade socket", || {
-        sock.exists()
-    });
-    let quit = Command::new("kill")
-        .args(["-QUIT", &old.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(quit.success());
+    let _new = up.start_new();
+    up.quit_old();
     // the close timeout (5 s) ends and the old process stops its listener
     wait_until(Duration::from_secs(15), "the old listener to stop", || {
-        old.stderr().contains("Shutting down 127.0.0.1")
+        up.old.stderr().contains("Shutting down 127.0.0.1")
     });
     std::thread::sleep(Duration::from_millis(50));
     for (name, conn) in [("fresh", &mut fresh), ("idle keep-alive", &mut idle)] {
         let answer = exchange(conn);
         let (status, close, body) = match answer {
             Ok(a) => a,
-            Err(e) => panic!("{name} connection: {e}\n{}", old.stderr()),
+            Err(e) => panic!("{name} connection: {e}\n{}", up.old.stderr()),
         };
         assert!(status.contains(" 200 "), "{name}: {status} {body}");
         assert!(body.contains("chat.completion"), "{name}: {body}");
         assert!(close, "{name}: the answer did not say Connection: close");
     }
-    let exit = loop {
-        if let Some(status) = old.child.try_wait().unwrap() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = up.old_exit();
     assert!(exit.success(), "old gateway exit: {exit:?}");
 }

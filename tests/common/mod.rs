@@ -177,6 +177,15 @@ pub fn client() -> reqwest::blocking::Client {
         .expect("client")
 }
 
+/// The gateway's `/metrics` exposition (empty if it cannot be fetched).
+pub fn metrics_text(gw: &Proc) -> String {
+    client()
+        .get(gw.url("/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default()
+}
+
 pub fn get_json(url: &str) -> serde_json::Value {
     client()
         .get(url)
