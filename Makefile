@@ -40,6 +40,7 @@ unit:
 	$(CARGO) test --release --workspace
 
 lint:
+	scripts/check-large-files.sh
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
