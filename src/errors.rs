@@ -24,6 +24,8 @@ pub enum GatewayError {
     MethodNotAllowed { allow: &'static str },
     /// Nothing is served at this path.
     UnknownPath { path: String },
+    /// The path cannot be normalised without guessing (`crate::path`).
+    InvalidPath { reason: crate::path::PathError },
     /// The body is larger than `server.max_request_body_bytes`.
     BodyTooLarge { limit: u64 },
     /// The client's body ended early or was malformed on the wire.
@@ -47,6 +49,41 @@ pub enum GatewayError {
     Engine(crate::engines::EngineError),
     /// The gateway is shutting down and the grace period is ending.
     ShuttingDown,
+    /// The client did not send its request (head or body) in time.
+    ClientTimeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    /// The gateway cannot take more of this now (bodies held in memory, a
+    /// full queue); `retry_after` in seconds.
+    Overloaded { detail: String, retry_after: u32 },
+}
+
+impl From<crate::body_budget::Refused> for GatewayError {
+    fn from(refused: crate::body_budget::Refused) -> GatewayError {
+        use crate::body_budget::Refused;
+        match refused {
+            Refused::Full { capacity } => GatewayError::Overloaded {
+                detail: format!(
+                    "the gateway is holding as many request bodies as it may ({capacity} bytes, server.max_buffered_body_bytes)"
+                ),
+                retry_after: 1,
+            },
+            Refused::PerPrincipal { limit } => {
+                let mut rejection = infergate_filters::Rejection::new(
+                    429,
+                    "requests",
+                    "rate_limit_exceeded",
+                    format!(
+                        "Your key is already sending {limit} request bodies at once, its concurrency limit. Wait for one to finish."
+                    ),
+                );
+                rejection.retry_after = Some(1);
+                rejection.limit = Some("concurrency");
+                GatewayError::rejected(rejection)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +144,8 @@ impl GatewayError {
                 format!("This endpoint does not support this method; use {allow}.")),
             E::UnknownPath { path } => (404, INVALID, "unknown_url", None,
                 format!("Unknown request URL: {}. See the API documentation for the supported endpoints.", sanitize(path))),
+            E::InvalidPath { reason } => (400, INVALID, "invalid_path", None,
+                format!("The request path is ambiguous: {reason}. Send the path in plain form, e.g. /v1/chat/completions.")),
             E::BodyTooLarge { limit } => (413, INVALID, "request_too_large", None,
                 format!("The request body is larger than the gateway's limit of {limit} bytes. Shorten the prompt or ask the operator to raise server.max_request_body_bytes.")),
             E::BodyRead { detail } => (400, INVALID, "invalid_body", None,
@@ -126,6 +165,10 @@ impl GatewayError {
                 format!("The gateway failed to handle the request ({detail}). Retry; if it persists, tell the operator.")),
             E::ShuttingDown => (503, "service_unavailable", "server_shutting_down", None,
                 "The gateway is shutting down and could not finish this response within its grace period. Retry; another instance will take it.".to_string()),
+            E::ClientTimeout { what, after } => (408, INVALID, "request_timeout", None,
+                format!("The {what} did not arrive within {} s (server.client_{}_timeout). Send the whole request without pausing.", after.as_secs(), if *what == "request body" { "body" } else { "header" })),
+            E::Overloaded { detail, .. } => (503, "service_unavailable", "server_overloaded", None,
+                format!("The gateway is overloaded: {detail}. Retry after the time in Retry-After.")),
             E::Engine(e) => {
                 use crate::engines::EngineError as X;
                 let code = match e {
@@ -139,6 +182,7 @@ impl GatewayError {
         };
         let retry_after = match self {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } | E::ShuttingDown => Some(1),
+            E::Overloaded { retry_after, .. } => Some((*retry_after).max(1)),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,
             E::Engine(crate::engines::EngineError::NoGpuMemory { .. }) => Some(10),
@@ -151,7 +195,11 @@ impl GatewayError {
         };
         let keep_alive = !matches!(
             self,
-            E::BodyTooLarge { .. } | E::BodyRead { .. } | E::AmbiguousFraming
+            E::BodyTooLarge { .. }
+                | E::BodyRead { .. }
+                | E::AmbiguousFraming
+                | E::ClientTimeout { .. }
+                | E::Overloaded { .. }
         );
         let log_level = if status >= 500 {
             log::Level::Warn

@@ -22,6 +22,7 @@
 
 pub mod access_log;
 pub mod body;
+pub mod body_budget;
 pub mod catalog;
 pub mod config;
 pub mod engines;
@@ -31,6 +32,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod model_stats;
+pub mod path;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

@@ -13,8 +13,8 @@
 
 use crate::state::AppState;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -45,6 +45,13 @@ pub struct Metrics {
     pub http_active: IntGauge,
     /// Seed: `http_errors_total{type}`.
     pub http_errors: IntCounterVec,
+    /// Client connections open on `server.listen`.
+    pub connections_open: IntGauge,
+    /// Client connections closed at accept because `server.max_connections`
+    /// were open.
+    pub connections_rejected: IntCounter,
+    /// Bytes of request bodies held in memory now.
+    pub buffered_body_bytes: IntGauge,
     /// Seed: `token_usage_total{user,type}`.
     pub token_usage: IntCounterVec,
     /// Seed: `vllm_gpu_memory_total_mb{gpu_id}` / `vllm_gpu_memory_used_mb{gpu_id}`.
@@ -154,6 +161,12 @@ impl Metrics {
                 &["method", "endpoint"])),
             http_active: register!(registry, IntGauge::new(
                 "http_active_requests", "Requests being handled now.")),
+            connections_open: register!(registry, IntGauge::new(
+                "infergate_connections_open", "Client connections open on server.listen (side listeners not counted).")),
+            connections_rejected: register!(registry, IntCounter::new(
+                "infergate_connections_rejected_total", "Client connections closed at accept because server.max_connections were open.")),
+            buffered_body_bytes: register!(registry, IntGauge::new(
+                "infergate_buffered_body_bytes", "Bytes of request bodies the gateway holds in memory now (server.max_buffered_body_bytes bounds it).")),
             http_errors: register!(registry, IntCounterVec::new(
                 Opts::new("http_errors_total", "Requests that ended in an error, by error code (the OpenAI error `code`, or `upstream_<status>` for an engine's error)."),
                 &["type"])),

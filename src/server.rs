@@ -97,13 +97,41 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
-    let mut proxy =
-        pingora_proxy::http_proxy_service(&server.configuration, Gateway::new(live.clone()));
+    let server_config = &live.current().config.server;
+    let max_connections = server_config.max_connections.unwrap_or_else(|| {
+        crate::proxy::connections::default_max_connections(server_config.connection_reserve)
+    });
+    let metrics = live.current().metrics.clone();
+    let limit = std::sync::Arc::new(crate::proxy::connections::ConnectionLimit::new(
+        max_connections,
+        metrics.connections_open.clone(),
+        metrics.connections_rejected.clone(),
+    ));
+    log::info!(
+        "server.listen takes up to {max_connections} client connections (fd limit {}, reserve {})",
+        crate::proxy::connections::soft_fd_limit()
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+        server_config.connection_reserve
+    );
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        Gateway::new(live.clone(), Some(limit.clone())),
+    );
+    proxy.set_connection_filter(limit);
     proxy.add_tcp(&listen.to_string());
-    for side in admin_listen.iter().chain(metrics_listen.iter()) {
-        proxy.add_tcp(&side.to_string());
-    }
     server.add_service(proxy);
+    // the side listeners (admin, metrics) are not counted against
+    // max_connections: they stay reachable when the main listener is full
+    if admin_listen.is_some() || metrics_listen.is_some() {
+        let mut side = pingora_proxy::http_proxy_service(
+            &server.configuration,
+            Gateway::new(live.clone(), None),
+        );
+        for addr in admin_listen.iter().chain(metrics_listen.iter()) {
+            side.add_tcp(&addr.to_string());
+        }
+        server.add_service(side);
+    }
     server.add_service(background_service(
         "engine manager",
         crate::engines::EngineService {

@@ -125,12 +125,18 @@ pub struct Live {
     /// stopping: every response then says `Connection: close`, so clients
     /// stop reusing connections to it before it closes them.
     pub closing: std::sync::atomic::AtomicBool,
+    /// Request bodies held in memory, across generations
+    /// (`server.max_buffered_body_bytes`).
+    pub body_budget: Arc<crate::body_budget::BodyBudget>,
 }
 
 impl Live {
     pub fn new(app: Arc<AppState>, config_path: Option<PathBuf>) -> Arc<Live> {
         let generation = app.generation;
+        let body_budget =
+            crate::body_budget::BodyBudget::new(app.config.server.max_buffered_body_bytes);
         Arc::new(Live {
+            body_budget,
             current: ArcSwap::new(app),
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
@@ -155,6 +161,8 @@ impl Live {
         old.metrics.count_reload("config", outcome.is_ok());
         match outcome {
             Ok((next, report)) => {
+                self.body_budget
+                    .set_capacity(next.config.server.max_buffered_body_bytes);
                 self.current.store(next);
                 self.reloaded.send_replace(report.generation);
                 if report.changes.is_empty() {
@@ -320,6 +328,20 @@ fn keep_restart_only(old: &Config, new: &mut Config, report: &mut Vec<String>) {
         "server.threads",
         &o.threads,
         &mut n.threads,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "server.max_connections",
+        &o.max_connections,
+        &mut n.max_connections,
+        PartialEq::eq,
+        report,
+    );
+    keep(
+        "server.connection_reserve",
+        &o.connection_reserve,
+        &mut n.connection_reserve,
         PartialEq::eq,
         report,
     );

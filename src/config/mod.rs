@@ -69,6 +69,25 @@ pub struct ServerConfig {
     /// The Unix socket a zero-downtime upgrade (`--upgrade` + SIGQUIT) hands
     /// the listening sockets over on.
     pub upgrade_sock: String,
+    /// The whole request head must arrive within this (408 otherwise), as
+    /// nginx's `client_header_timeout`.
+    pub client_header_timeout: Duration,
+    /// The whole request body must arrive within this (408 otherwise).
+    pub client_body_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Bytes of request bodies held in memory at once, all requests
+    /// together (503 `server_overloaded` beyond).
+    pub max_buffered_body_bytes: u64,
+    /// Client connections open at once on `server.listen`; more are closed
+    /// at accept. Derived from the fd limit when not set.
+    pub max_connections: Option<usize>,
+    /// File descriptors kept free of client connections for engines,
+    /// health checks, logs and the side listeners.
+    pub connection_reserve: usize,
+    /// After SIGTERM, keep serving (readiness 503) this long before
+    /// draining, so load balancers stop sending new connections first.
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +107,10 @@ pub struct UpstreamConfig {
 pub struct RoutingConfig {
     pub default_pool: Option<String>,
     pub models_refresh_interval: Duration,
+    /// Which forwarded paths users may reach (`routing.user_paths` added to
+    /// the defaults) and which engine-internal paths admins may
+    /// (`routing.engine_admin_paths`).
+    pub paths: crate::path::PathPolicy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

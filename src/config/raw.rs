@@ -19,6 +19,13 @@ pub struct RawServer {
     pub ready_requires_backend: Option<bool>,
     pub watch_config: Option<bool>,
     pub upgrade_sock: Option<String>,
+    pub client_header_timeout: Option<String>,
+    pub client_body_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub max_buffered_body_bytes: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub connection_reserve: Option<usize>,
+    pub drain_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +48,10 @@ pub struct RawUpstream {
 pub struct RawRouting {
     pub default_pool: Option<String>,
     pub models_refresh_interval: Option<String>,
+    #[serde(default)]
+    pub user_paths: Vec<String>,
+    #[serde(default)]
+    pub engine_admin_paths: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

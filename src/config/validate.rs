@@ -98,7 +98,24 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
             raw.routing.models_refresh_interval.as_ref(),
             secs(10),
         ),
+        paths: crate::path::PathPolicy::new(
+            &raw.routing.user_paths,
+            &raw.routing.engine_admin_paths,
+        ),
     };
+    for (key, entries) in [
+        ("routing.user_paths", &raw.routing.user_paths),
+        (
+            "routing.engine_admin_paths",
+            &raw.routing.engine_admin_paths,
+        ),
+    ] {
+        for (i, entry) in entries.iter().enumerate() {
+            if let Err(e) = crate::path::check_policy_entry(entry) {
+                errs.push(format!("{key}[{i}]"), e);
+            }
+        }
+    }
     if let Some(name) = &routing.default_pool {
         if !pools.iter().any(|p| &p.name == name) {
             errs.push(
@@ -193,6 +210,10 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
+/// 512 MiB of request bodies in memory at once (16 bodies of the largest
+/// default size, or tens of thousands of ordinary chat requests).
+const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 << 20;
+
 fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
     let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string());
     let listen = resolve(&listen_text).unwrap_or_else(|e| {
@@ -233,7 +254,49 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
                 .map_err(|e| errs.push("server.metrics_listen", e))
                 .ok()
         }),
+        client_header_timeout: errs.duration(
+            "server.client_header_timeout",
+            raw.client_header_timeout.as_ref(),
+            secs(60),
+        ),
+        client_body_timeout: errs.duration(
+            "server.client_body_timeout",
+            raw.client_body_timeout.as_ref(),
+            secs(60),
+        ),
+        keepalive_timeout: errs.duration(
+            "server.keepalive_timeout",
+            raw.keepalive_timeout.as_ref(),
+            secs(60),
+        ),
+        max_buffered_body_bytes: raw
+            .max_buffered_body_bytes
+            .unwrap_or(DEFAULT_MAX_BUFFERED_BODY_BYTES),
+        max_connections: raw.max_connections,
+        connection_reserve: raw.connection_reserve.unwrap_or(512),
+        drain_delay: errs.duration("server.drain_delay", raw.drain_delay.as_ref(), secs(0)),
     };
+    for (key, value) in [
+        ("server.client_header_timeout", server.client_header_timeout),
+        ("server.client_body_timeout", server.client_body_timeout),
+        ("server.keepalive_timeout", server.keepalive_timeout),
+    ] {
+        if value < Duration::from_secs(1) {
+            errs.push(key, "must be at least 1s");
+        }
+    }
+    if server.max_buffered_body_bytes < server.max_request_body_bytes {
+        errs.push(
+            "server.max_buffered_body_bytes",
+            format!(
+                "must be at least server.max_request_body_bytes ({}), or no body of the largest allowed size could ever be read",
+                server.max_request_body_bytes
+            ),
+        );
+    }
+    if server.max_connections == Some(0) {
+        errs.push("server.max_connections", "must be at least 1");
+    }
     for (key, side) in [
         ("server.admin_listen", server.admin_listen),
         ("server.metrics_listen", server.metrics_listen),

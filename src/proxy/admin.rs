@@ -51,7 +51,13 @@ pub async fn login(
         return Err(not_configured("Login"));
     };
     auth.check_login_rate(ip).map_err(GatewayError::rejected)?;
-    let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
+    let body = read_body::read_full_body(
+        session,
+        LOGIN_BODY_LIMIT,
+        None,
+        app.config.server.client_body_timeout,
+    )
+    .await?;
     ctx.request_bytes = body.len();
     // serde's messages can quote the input: never let a password reach one
     let credentials: Credentials =
@@ -243,7 +249,13 @@ pub async fn load_lora(
     let Some(engine) = app.engines.find(base) else {
         return Err(unknown_engine(base));
     };
-    let body = read_body::read_full_body(session, LOGIN_BODY_LIMIT).await?;
+    let body = read_body::read_full_body(
+        session,
+        LOGIN_BODY_LIMIT,
+        None,
+        app.config.server.client_body_timeout,
+    )
+    .await?;
     let request: LoraRequest =
         serde_json::from_slice(&body).map_err(|e| GatewayError::InvalidJson {
             detail: format!(r#"send {{"lora_name": "...", "lora_path": "..."}} ({e})"#),

@@ -57,6 +57,8 @@ pub struct RequestCtx {
     /// A WebSocket upgrade goes to this backend through Pingora's own proxy
     /// path (`upstream_peer`), which pipes both directions after the 101.
     pub websocket_upstream: Option<SocketAddr>,
+    /// This request's body in the body budget, until the request ends.
+    pub body_hold: Option<crate::body_budget::Hold>,
 }
 
 impl RequestCtx {
@@ -91,6 +93,7 @@ impl RequestCtx {
             engine_use: None,
             sse_started: false,
             websocket_upstream: None,
+            body_hold: None,
         }
     }
 

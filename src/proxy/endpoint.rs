@@ -1,6 +1,7 @@
 //! Which endpoint a request line names. Pure: method + path in, decision out.
 
 use crate::errors::GatewayError;
+pub use crate::path::PathPolicy;
 use infergate_filters::Access;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +19,14 @@ pub enum Endpoint {
     Services,
     /// Totals and per-backend counters (InfiniLM router's `/stats`).
     Stats,
-    /// Any other `/v1/*`: body `model` if there is one, else the default pool.
+    /// A path on the user allowlist ([`PathPolicy`]) other than the three
+    /// above: body `model` if there is one, else the default pool.
     OtherV1,
+    /// An engine's own management endpoint (LoRA load/unload, cache reset,
+    /// sleep, profiling, …): any `/v1/*` path not on the user allowlist, and
+    /// the engine-internal paths outside `/v1` that [`PathPolicy`] lists.
+    /// Admin role only; forwarded like [`Endpoint::OtherV1`].
+    EngineInternal,
     /// A WebSocket upgrade (`Upgrade: websocket`), proxied to a pool's backend.
     WebSocket,
     /// `POST /user/user_login`: email + password → JWT (seed 004).
@@ -56,6 +63,7 @@ impl Endpoint {
             Endpoint::Services => "services",
             Endpoint::Stats => "stats",
             Endpoint::OtherV1 => "other",
+            Endpoint::EngineInternal => "engine_internal",
             Endpoint::WebSocket => "websocket",
             Endpoint::Login => "login",
             Endpoint::AdminReloadKeys => "admin_reload_keys",
@@ -86,7 +94,8 @@ impl Endpoint {
             | Endpoint::AdminModelUnload(_)
             | Endpoint::AdminEngines
             | Endpoint::AdminLoraLoad(_)
-            | Endpoint::AdminLoraUnload(..) => Access::Admin,
+            | Endpoint::AdminLoraUnload(..)
+            | Endpoint::EngineInternal => Access::Admin,
             Endpoint::GatewayHealth
             | Endpoint::Live
             | Endpoint::Ready
@@ -119,7 +128,8 @@ const INFERENCE: &[(&str, &str)] = &[
     ("/embeddings", "embeddings"),
 ];
 
-pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
+/// Classify a normalised path (see [`crate::path::normalize`]).
+pub fn classify(method: &str, path: &str, policy: &PathPolicy) -> Result<Endpoint, GatewayError> {
     let path = path.split('?').next().unwrap_or(path);
     let trimmed = if path.len() > 1 {
         path.trim_end_matches('/')
@@ -201,32 +211,23 @@ pub fn classify(method: &str, path: &str) -> Result<Endpoint, GatewayError> {
             return get_only(Endpoint::GetModel(percent_decode(id)));
         }
     }
-    if trimmed.starts_with("/v1/") {
+    if policy.user_may_reach(trimmed) {
         return Ok(Endpoint::OtherV1);
+    }
+    if trimmed.starts_with("/v1/") || policy.is_engine_internal(trimmed) {
+        return Ok(Endpoint::EngineInternal);
     }
     Err(GatewayError::UnknownPath {
         path: trimmed.to_string(),
     })
 }
 
-/// `%2F` → `/` etc. for model ids in paths; invalid escapes stay as written.
+/// `%2F` → `/` etc. for model ids in paths (normalised paths have no
+/// malformed escapes); bytes that are not UTF-8 become U+FFFD.
 pub(crate) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -236,43 +237,106 @@ mod tests {
     #[test]
     fn inference_paths_with_and_without_v1() {
         assert_eq!(
-            classify("POST", "/v1/chat/completions"),
+            classify("POST", "/v1/chat/completions", &PathPolicy::default()),
             Ok(Endpoint::Inference("chat_completions"))
         );
         assert_eq!(
-            classify("POST", "/chat/completions?x=1"),
+            classify("POST", "/chat/completions?x=1", &PathPolicy::default()),
             Ok(Endpoint::Inference("chat_completions"))
         );
         assert_eq!(
-            classify("POST", "/embeddings"),
+            classify("POST", "/embeddings", &PathPolicy::default()),
             Ok(Endpoint::Inference("embeddings"))
         );
         assert_eq!(
-            classify("GET", "/v1/completions"),
+            classify("GET", "/v1/completions", &PathPolicy::default()),
             Err(GatewayError::MethodNotAllowed { allow: "POST" })
         );
     }
 
     #[test]
     fn model_paths_and_others() {
-        assert_eq!(classify("GET", "/models"), Ok(Endpoint::ListModels));
         assert_eq!(
-            classify("GET", "/v1/models/Qwen%2FQwen2"),
+            classify("GET", "/models", &PathPolicy::default()),
+            Ok(Endpoint::ListModels)
+        );
+        assert_eq!(
+            classify("GET", "/v1/models/Qwen%2FQwen2", &PathPolicy::default()),
             Ok(Endpoint::GetModel("Qwen/Qwen2".into()))
         );
         assert_eq!(
-            classify("GET", "/v1/models/org/name"),
+            classify("GET", "/v1/models/org/name", &PathPolicy::default()),
             Ok(Endpoint::GetModel("org/name".into()))
         );
         assert_eq!(
-            classify("DELETE", "/v1/models"),
+            classify("DELETE", "/v1/models", &PathPolicy::default()),
             Err(GatewayError::MethodNotAllowed { allow: "GET" })
         );
-        assert_eq!(classify("POST", "/v1/audio/speech"), Ok(Endpoint::OtherV1));
+        assert_eq!(
+            classify("POST", "/v1/audio/speech", &PathPolicy::default()),
+            Ok(Endpoint::OtherV1)
+        );
         assert!(matches!(
-            classify("GET", "/etc/passwd"),
+            classify("GET", "/etc/passwd", &PathPolicy::default()),
             Err(GatewayError::UnknownPath { .. })
         ));
+    }
+
+    #[test]
+    fn engine_internal_paths_need_the_admin_role() {
+        let policy = PathPolicy::default();
+        for path in [
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/v1/some_future_internal_route",
+            "/reset_prefix_cache",
+            "/sleep",
+            "/wake_up",
+            "/collective_rpc",
+            "/start_profile",
+            "/server_info",
+        ] {
+            let endpoint = classify("POST", path, &policy);
+            assert_eq!(endpoint, Ok(Endpoint::EngineInternal), "{path}");
+            assert_eq!(Endpoint::EngineInternal.access(), Access::Admin);
+        }
+        for path in [
+            "/v1/responses",
+            "/v1/responses/abc",
+            "/tokenize",
+            "/v1/rerank",
+        ] {
+            assert_eq!(
+                classify("POST", path, &policy),
+                Ok(Endpoint::OtherV1),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            classify("POST", "/not_listed", &policy),
+            Err(GatewayError::UnknownPath { .. })
+        ));
+    }
+
+    #[test]
+    fn configured_entries_extend_the_lists() {
+        let policy = PathPolicy::new(&["/v1/audio/*".into()], &["/custom_admin".into()]);
+        assert_eq!(
+            classify("POST", "/v1/audio/new_thing", &policy),
+            Ok(Endpoint::OtherV1)
+        );
+        assert_eq!(
+            classify("POST", "/v1/audio", &policy),
+            Ok(Endpoint::EngineInternal)
+        );
+        assert_eq!(
+            classify("POST", "/custom_admin", &policy),
+            Ok(Endpoint::EngineInternal)
+        );
+        assert!(crate::path::check_policy_entry("/v1/x/*").is_ok());
+        assert!(crate::path::check_policy_entry("/v1/../x").is_err());
+        assert!(crate::path::check_policy_entry("v1/x").is_err());
+        assert!(crate::path::check_policy_entry("/v1/*/x").is_err());
     }
 
     #[test]

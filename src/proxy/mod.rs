@@ -9,6 +9,7 @@
 //! line for every request, success, error or disconnect.
 
 mod admin;
+pub mod connections;
 mod ctx;
 mod endpoint;
 mod forward;
@@ -42,15 +43,19 @@ pub struct Gateway {
     /// Shared by every generation (the `logging` hook needs no generation).
     metrics: Arc<crate::metrics::Metrics>,
     access_log: Arc<crate::access_log::AccessLog>,
+    /// `server.max_connections` for the listener this instance serves
+    /// (`None` on the side listeners).
+    connections: Option<Arc<connections::ConnectionLimit>>,
 }
 
 impl Gateway {
-    pub fn new(live: Arc<Live>) -> Gateway {
+    pub fn new(live: Arc<Live>, connections: Option<Arc<connections::ConnectionLimit>>) -> Gateway {
         let app = live.current();
         Gateway {
             metrics: app.metrics.clone(),
             access_log: app.access_log.clone(),
             live,
+            connections,
         }
     }
 }
@@ -61,6 +66,32 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new()
+    }
+
+    fn request_header_timeout(&self, reused: bool) -> Option<std::time::Duration> {
+        let app = self.live.current();
+        let server = &app.config.server;
+        // a reused connection first waits (idle) up to the keep-alive timeout
+        Some(if reused {
+            server.client_header_timeout + server.keepalive_timeout
+        } else {
+            server.client_header_timeout
+        })
+    }
+
+    fn request_header_timeout_body(&self) -> (Bytes, &'static str) {
+        let after = self.live.current().config.server.client_header_timeout;
+        let error = GatewayError::ClientTimeout {
+            what: "request head",
+            after,
+        };
+        (Bytes::from(error.spec().body()), "application/json")
+    }
+
+    fn downstream_connection_closed(&self) {
+        if let Some(connections) = &self.connections {
+            connections.closed();
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -79,6 +110,13 @@ impl ProxyHttp for Gateway {
         }
         // A client that stops reading must not pin an engine forever.
         session.set_write_timeout(Some(app.config.timeouts.idle));
+        if !self.live.closing.load(std::sync::atomic::Ordering::Relaxed)
+            && session.as_downstream().get_keepalive().is_some()
+        {
+            // Pingora keeps an idle HTTP/1.1 connection open for ever by
+            // default; close it after server.keepalive_timeout
+            session.set_keepalive(Some(app.config.server.keepalive_timeout.as_secs().max(1)));
+        }
         self.metrics.http_active.inc();
         ctx.counted_active = true;
         handle(&self.live, &app, session, ctx).await;
@@ -387,12 +425,14 @@ async fn route_and_forward(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
+    normalize_path(session.req_header_mut())?;
     let classified = if is_websocket_upgrade(session.req_header()) {
         Ok(Endpoint::WebSocket)
     } else {
         classify(
             session.req_header().method.as_str(),
             session.req_header().uri.path(),
+            &app.config.routing.paths,
         )
     };
     let access = match &classified {
@@ -479,6 +519,9 @@ async fn route_and_forward(
             respond::answer(session, ctx, 200, body).await
         }
         Endpoint::Metrics => {
+            app.metrics
+                .buffered_body_bytes
+                .set(i64::try_from(live.body_budget.used()).unwrap_or(i64::MAX));
             let body = app.metrics.render(app);
             let header = [(
                 "content-type",
@@ -493,17 +536,15 @@ async fn route_and_forward(
             Ok(())
         }
         Endpoint::Inference(_) => {
-            let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
-                .await?;
+            let body = read_body_within_budget(live, app, session, ctx).await?;
             ctx.request_bytes = body.len();
             let info = inspect(&body)?;
             let field = info.model.clone()?;
             proxy_to_model(app, session, ctx, body, Some(field), Some(&info)).await
         }
         Endpoint::WebSocket => websocket_target(app, session, ctx).await,
-        Endpoint::OtherV1 => {
-            let body = read_body::read_full_body(session, app.config.server.max_request_body_bytes)
-                .await?;
+        Endpoint::OtherV1 | Endpoint::EngineInternal => {
+            let body = read_body_within_budget(live, app, session, ctx).await?;
             ctx.request_bytes = body.len();
             // a body that is not a JSON object with a model (multipart, empty) goes to the default pool
             let info = inspect(&body).ok();
@@ -511,6 +552,54 @@ async fn route_and_forward(
             proxy_to_model(app, session, ctx, body, field, info.as_ref()).await
         }
     }
+}
+
+/// Read the whole body, holding its bytes in the body budget until the
+/// request ends; a principal with a `concurrent` limit receives at most that
+/// many bodies at once (checked before a byte is read).
+async fn read_body_within_budget(
+    live: &Live,
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Bytes, GatewayError> {
+    let principal = ctx
+        .filters
+        .identity
+        .as_deref()
+        .and_then(|i| i.limits.concurrent.map(|c| (i.id.as_str(), c)));
+    let hold = ctx.body_hold.insert(live.body_budget.begin(principal)?);
+    let server = &app.config.server;
+    read_body::read_full_body(
+        session,
+        server.max_request_body_bytes,
+        Some(hold),
+        server.client_body_timeout,
+    )
+    .await
+}
+
+/// Normalise the request path in place (`crate::path`): everything after
+/// this, the filters, the endpoint, the access log and the engine, sees the
+/// normalised form. The query is kept as sent.
+fn normalize_path(header: &mut RequestHeader) -> Result<(), GatewayError> {
+    let normal = match crate::path::normalize(header.uri.path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(normal)) => normal,
+        Err(reason) => return Err(GatewayError::InvalidPath { reason }),
+    };
+    let target = match header.uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let uri = http::Uri::builder()
+        .path_and_query(target)
+        .build()
+        .map_err(|_| GatewayError::InvalidPath {
+            reason: crate::path::PathError::BadEscape,
+        })?;
+    header.set_uri(uri);
+    Ok(())
 }
 
 /// `GET` with `Upgrade: websocket` (and `Connection: upgrade`).

@@ -3,6 +3,7 @@
 //! See docs/adr/0001-body-pre-read.md: the gateway reads the full body before
 //! choosing a pool, because Pingora 0.9 replays a consumed body only up to 64 KiB.
 
+use crate::body_budget::Hold;
 use crate::errors::GatewayError;
 use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
@@ -62,8 +63,17 @@ fn raw_has_content_length(raw: &[u8]) -> bool {
 
 /// Read the whole body. Answers `Expect: 100-continue` first; refuses a
 /// declared `Content-Length` over `limit` without reading a byte, and a
-/// chunked upload as soon as it passes `limit`.
-pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, GatewayError> {
+/// chunked upload as soon as it passes `limit`. Every byte is reserved in
+/// the body budget (`hold`) before it is kept; the whole read, from its first
+/// byte to its last, must finish within `timeout` (408 otherwise: a client
+/// sending one byte a second cannot hold a connection and its buffer for
+/// ever).
+pub async fn read_full_body(
+    session: &mut Session,
+    limit: u64,
+    mut hold: Option<&mut Hold>,
+    timeout: std::time::Duration,
+) -> Result<Bytes, GatewayError> {
     check_framing(session)?;
     let declared = session
         .req_header()
@@ -74,6 +84,36 @@ pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, 
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
+    // a declared size is reserved whole before a byte is read
+    if let Some(hold) = hold.as_deref_mut() {
+        hold.reserve_up_to(declared.unwrap_or(0))?;
+    }
+    match tokio::time::timeout(
+        timeout,
+        read_bounded(session, limit, hold.as_deref_mut(), declared),
+    )
+    .await
+    {
+        Ok(result) => {
+            let body = result?;
+            if let Some(hold) = hold {
+                hold.received();
+            }
+            Ok(body)
+        }
+        Err(_) => Err(GatewayError::ClientTimeout {
+            what: "request body",
+            after: timeout,
+        }),
+    }
+}
+
+async fn read_bounded(
+    session: &mut Session,
+    limit: u64,
+    mut hold: Option<&mut Hold>,
+    declared: Option<u64>,
+) -> Result<Bytes, GatewayError> {
     let expects_continue = session
         .req_header()
         .headers
@@ -99,8 +139,12 @@ pub async fn read_full_body(session: &mut Session, limit: u64) -> Result<Bytes, 
                 detail: e.to_string(),
             })?;
         let Some(chunk) = chunk else { break };
-        if (body.len() + chunk.len()) as u64 > limit {
+        let total = (body.len() + chunk.len()) as u64;
+        if total > limit {
             return Err(GatewayError::BodyTooLarge { limit });
+        }
+        if let Some(hold) = hold.as_deref_mut() {
+            hold.reserve_up_to(total)?;
         }
         if body.is_empty() && chunk.len() >= capacity {
             // common case: one chunk carries the whole body; avoid a copy

@@ -340,8 +340,21 @@ where
         // SHUTDOWN_READ_GRACE; a request that arrives in it is served (with
         // keep-alive off, as for every request after the shutdown), and only a
         // connection that stays silent is dropped.
+        //
+        // infergate patch (vendor/README.md, 3): the whole head must arrive
+        // within `ProxyHttp::request_header_timeout`; Pingora's own timeout
+        // is per read, so one byte a second kept a connection forever.
+        let reused = downstream_session.get_keepalive().is_some();
+        let header_timeout = self.inner.request_header_timeout(reused);
         let res = {
-            let read = downstream_session.read_request();
+            let read = async {
+                match header_timeout {
+                    Some(limit) => time::timeout(limit, downstream_session.read_request())
+                        .await
+                        .ok(),
+                    None => Some(downstream_session.read_request().await),
+                }
+            };
             tokio::pin!(read);
             tokio::select! {
                 biased; // biased select is cheaper, and we don't want to drop already buffered requests
@@ -354,6 +367,18 @@ where
                     }
                 }
             }
+        };
+        let Some(res) = res else {
+            debug!("request head not received within {header_timeout:?}");
+            if !reused {
+                let (body, content_type) = self.inner.request_header_timeout_body();
+                let mut resp = HttpSession::generate_error(408);
+                let _ = resp.insert_header(header::CONTENT_TYPE, content_type);
+                let _ = resp.set_content_length(body.len());
+                let _ = downstream_session.write_error_response(resp, body).await;
+            }
+            downstream_session.shutdown().await;
+            return None;
         };
         match res {
             Ok(true) => {
@@ -1577,6 +1602,75 @@ where
 {
     async fn process_new_http(
         self: &Arc<Self>,
+        session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // infergate patch (vendor/README.md, 4): `downstream_connection_closed`
+        // once this connection is not reused (or this future is dropped).
+        let mut closed = ConnectionEnd {
+            app: &self.inner,
+            armed: true,
+        };
+        let reused = self.process_new_http_inner(session, shutdown).await;
+        closed.armed = reused.is_none();
+        reused
+    }
+
+    async fn http_cleanup(&self) {
+        self.shutdown_flag.store(true, Ordering::Release);
+        // Notify all keepalived requests blocking on read_request() to abort
+        self.shutdown.notify_waiters();
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.server_options.as_ref()
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.h2_options.clone()
+    }
+    async fn process_custom_session(
+        self: Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let app = self.clone();
+
+        let Some(process_custom_session) = app.process_custom_session.as_ref() else {
+            warn!("custom was called on an empty on_custom");
+            return None;
+        };
+
+        process_custom_session(self.clone(), stream, shutdown).await
+    }
+
+    // TODO implement h2_options
+}
+
+/// infergate patch (vendor/README.md, 4): tells the application that a
+/// downstream connection ended, on drop, unless disarmed (the connection is
+/// going back for its next request).
+struct ConnectionEnd<'a, SV: ProxyHttp> {
+    app: &'a SV,
+    armed: bool,
+}
+
+impl<SV: ProxyHttp> Drop for ConnectionEnd<'_, SV> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.app.downstream_connection_closed();
+        }
+    }
+}
+
+impl<SV, C> HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    async fn process_new_http_inner(
+        self: &Arc<Self>,
         mut session: HttpSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
@@ -1612,36 +1706,6 @@ where
 
         self.process_request(session, ctx).await
     }
-
-    async fn http_cleanup(&self) {
-        self.shutdown_flag.store(true, Ordering::Release);
-        // Notify all keepalived requests blocking on read_request() to abort
-        self.shutdown.notify_waiters();
-    }
-
-    fn server_options(&self) -> Option<&HttpServerOptions> {
-        self.server_options.as_ref()
-    }
-
-    fn h2_options(&self) -> Option<H2Options> {
-        self.h2_options.clone()
-    }
-    async fn process_custom_session(
-        self: Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let app = self.clone();
-
-        let Some(process_custom_session) = app.process_custom_session.as_ref() else {
-            warn!("custom was called on an empty on_custom");
-            return None;
-        };
-
-        process_custom_session(self.clone(), stream, shutdown).await
-    }
-
-    // TODO implement h2_options
 }
 
 use pingora_core::services::listening::{RuntimeOptsOverride, Service};

@@ -19,6 +19,7 @@ use pingora_cache::{
     RespCacheable::{self, *},
 };
 use proxy_cache::range_filter::{self};
+use bytes::Bytes;
 use std::any::Any;
 use std::time::Duration;
 
@@ -51,6 +52,30 @@ pub trait ProxyHttp {
 
     /// Define how the `ctx` should be created.
     fn new_ctx(&self) -> Self::CTX;
+
+    /// infergate patch (vendor/README.md, 3): the longest time the whole
+    /// request head may take to arrive, from the moment the proxy starts
+    /// waiting for it. `reused` tells whether the connection already served
+    /// a request (its idle keep-alive wait then counts too). On expiry a new
+    /// connection gets a `408` ([`Self::request_header_timeout_body`]) and
+    /// a reused one is closed. `None` (the default): only Pingora's
+    /// per-read timeout applies, which a client sending one byte at a time
+    /// never hits.
+    fn request_header_timeout(&self, _reused: bool) -> Option<Duration> {
+        None
+    }
+
+    /// infergate patch (vendor/README.md, 3): the body of the `408` sent when
+    /// the head did not arrive in time, and its content type.
+    fn request_header_timeout_body(&self) -> (Bytes, &'static str) {
+        (Bytes::new(), "text/plain")
+    }
+
+    /// infergate patch (vendor/README.md, 4): called once when a downstream
+    /// connection this service handled ends (closed, or not reused), so an
+    /// application can count open connections together with a
+    /// `ConnectionFilter` that counts them in.
+    fn downstream_connection_closed(&self) {}
 
     /// Define where the proxy should send the request to.
     ///
