@@ -26,8 +26,8 @@ pub enum Endpoint {
     Embeddings,
 }
 
-/// Produce the response for a parsed, validated inference request. `model`
-/// is the index of a served model.
+/// Produce the response for an inference request that passed
+/// [`crate::validate`]. `model` is the index of a served model.
 /// `interval`: the gap between streamed tokens for this request (the
 /// `x-mock-token-interval-us` header, else `--token-interval-ms`).
 pub async fn respond(
@@ -121,11 +121,15 @@ pub async fn respond(
         tokio::time::sleep(cfg.ttft).await;
     }
 
-    if req.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+    let stream = req
+        .get("stream")
+        .and_then(|v| crate::validate::lax_bool(v).ok())
+        .unwrap_or(false);
+    if stream {
         let include_usage = req
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
+            .and_then(|v| crate::validate::lax_bool(v).ok())
             .unwrap_or(false);
         let params = StreamParams {
             kind,

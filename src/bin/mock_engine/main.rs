@@ -11,6 +11,7 @@ mod router;
 mod sse;
 mod state;
 mod tokens;
+mod validate;
 mod wire;
 mod ws;
 

@@ -14,6 +14,7 @@ use crate::guard::InflightGuard;
 use crate::inference::{respond, Endpoint};
 use crate::request::{read_body, route, Route};
 use crate::state::{LastRequest, State};
+use crate::validate;
 
 static X_MOCK_INSTANCE: HeaderName = HeaderName::from_static("x-mock-instance");
 static X_MOCK_BODY_BYTES: HeaderName = HeaderName::from_static("x-mock-body-bytes");
@@ -259,46 +260,22 @@ async fn inference(
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error_response(status, "mock failure", "InternalServerError", None, flat);
     }
-    let req = match parsed {
-        Ok(v) if v.is_object() => v,
-        Ok(_) => {
-            guard.finish();
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "request body must be a JSON object",
-                "BadRequestError",
-                None,
-                flat,
-            );
-        }
-        Err(e) => {
-            guard.finish();
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("Invalid JSON body: {e}"),
-                "BadRequestError",
-                None,
-                flat,
-            );
-        }
+    let req = match validate::check_shape(ep, &data, parsed) {
+        Ok(v) => v,
+        Err(msg) => return reject_invalid(state, guard, &msg),
     };
-    let model_field = match req.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(other) => {
-            guard.finish();
-            let msg = format!("The model `{other}` does not exist.");
-            return error_response(
-                StatusCode::NOT_FOUND,
-                &msg,
-                "NotFoundError",
-                Some("model"),
-                flat,
-            );
-        }
-    };
+    // The shape check leaves `model` a string, null or absent; like vLLM,
+    // an empty or absent name means the first served model.
+    let model_field = req
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty());
     let Some(idx) = state.model_index(model_field) else {
         guard.finish();
+        state
+            .counters
+            .rejected_model
+            .fetch_add(1, Ordering::Relaxed);
         let msg = format!("The model `{}` does not exist.", model_field.unwrap_or(""));
         return error_response(
             StatusCode::NOT_FOUND,
@@ -308,6 +285,9 @@ async fn inference(
             flat,
         );
     };
+    if let Err(msg) = validate::check_values(ep, &req) {
+        return reject_invalid(state, guard, &msg);
+    }
     let interval = parts
         .headers
         .get(&X_MOCK_TOKEN_INTERVAL_US)
@@ -316,4 +296,22 @@ async fn inference(
         .map(std::time::Duration::from_micros)
         .unwrap_or(state.cfg.token_interval);
     respond(ep, &req, idx, interval, guard).await
+}
+
+/// A request vLLM would refuse as malformed: 400 `BadRequestError`, counted
+/// in `/mock/stats` as `rejected_invalid`.
+fn reject_invalid(state: &Arc<State>, guard: InflightGuard, message: &str) -> Response<MockBody> {
+    guard.finish();
+    state
+        .counters
+        .rejected_invalid
+        .fetch_add(1, Ordering::Relaxed);
+    log::debug!("refused an invalid request: {message}");
+    error_response(
+        StatusCode::BAD_REQUEST,
+        message,
+        "BadRequestError",
+        None,
+        state.cfg.flat_errors,
+    )
 }

@@ -49,6 +49,11 @@ pub struct Counters {
     pub ws_opened: AtomicU64,
     pub ws_closed: AtomicU64,
     pub ws_frames: AtomicU64,
+    /// Inference requests refused with 400 as vLLM would (bad JSON, bad
+    /// shape, bad values).
+    pub rejected_invalid: AtomicU64,
+    /// Inference requests refused with 404 for a model not served.
+    pub rejected_model: AtomicU64,
 }
 
 /// What /mock/last-request reports.
@@ -180,6 +185,8 @@ impl State {
             "ws_opened": c.ws_opened.load(Ordering::Relaxed),
             "ws_closed": c.ws_closed.load(Ordering::Relaxed),
             "ws_frames": c.ws_frames.load(Ordering::Relaxed),
+            "rejected_invalid": c.rejected_invalid.load(Ordering::Relaxed),
+            "rejected_model": c.rejected_model.load(Ordering::Relaxed),
         })
     }
 

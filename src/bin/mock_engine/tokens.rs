@@ -93,7 +93,8 @@ pub fn embedding_for(input: &Value) -> [f32; 8] {
 pub fn completion_tokens(default: u32, req: &Value) -> u32 {
     let cap = ["max_tokens", "max_completion_tokens"]
         .iter()
-        .filter_map(|k| req.get(*k).and_then(Value::as_u64))
+        .filter_map(|k| req.get(*k).and_then(|v| crate::validate::lax_int(v).ok()))
+        .map(|n| u64::try_from(n.max(0)).unwrap_or(u64::MAX))
         .min();
     let n = match cap {
         Some(c) => u64::from(default).min(c) as u32,
