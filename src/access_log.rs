@@ -184,6 +184,10 @@ pub struct AccessLog {
     /// None when disabled.
     tx: Option<SyncSender<Vec<u8>>>,
     dropped: Arc<AtomicU64>,
+    /// Lines queued, and lines the writer has written and flushed: equal
+    /// when nothing is pending.
+    queued: AtomicU64,
+    written: Arc<AtomicU64>,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -205,10 +209,11 @@ impl AccessLog {
         let (mut log, writer) = Self::unstarted(config, QUEUE_LINES)?;
         if let Some((rx, sink)) = writer {
             let dropped = log.dropped.clone();
+            let written = log.written.clone();
             let format = log.format;
             let handle = std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_batches(rx, dropped, sink, format))
+                .spawn(move || write_batches(rx, dropped, written, sink, format))
                 .map_err(|e| format!("access log: cannot start the writer thread: {e}"))?;
             log.writer = Some(handle);
         }
@@ -224,6 +229,8 @@ impl AccessLog {
             format: config.format,
             tx: None,
             dropped: Arc::new(AtomicU64::new(0)),
+            queued: AtomicU64::new(0),
+            written: Arc::new(AtomicU64::new(0)),
             writer: None,
         };
         if !config.enabled {
@@ -237,6 +244,16 @@ impl AccessLog {
         let (tx, rx) = sync_channel(queue);
         log.tx = Some(tx);
         Ok((log, Some((rx, sink))))
+    }
+
+    /// Wait (at most `limit`) until every line queued so far is written and
+    /// flushed, before the process exits.
+    pub fn flush_before_exit(&self, limit: std::time::Duration) {
+        let deadline = Instant::now() + limit;
+        let target = self.queued.load(Ordering::Acquire);
+        while self.written.load(Ordering::Acquire) < target && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Whether lines are written at all (callers may skip building a record).
@@ -254,7 +271,9 @@ impl AccessLog {
             return;
         };
         match tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -432,7 +451,13 @@ impl Stamp {
     }
 }
 
-fn write_batches(rx: Receiver<Vec<u8>>, dropped: Arc<AtomicU64>, mut sink: Sink, format: Format) {
+fn write_batches(
+    rx: Receiver<Vec<u8>>,
+    dropped: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    mut sink: Sink,
+    format: Format,
+) {
     while let Ok(first) = rx.recv() {
         sink.begin_batch(Instant::now());
         sink.write_line(&first);
@@ -455,6 +480,7 @@ fn write_batches(rx: Receiver<Vec<u8>>, dropped: Arc<AtomicU64>, mut sink: Sink,
             sink.write_notice(&notice(format, io, Loss::WriteError));
         }
         sink.flush();
+        written.fetch_add(lines as u64, Ordering::Release);
         // Let lines pile up briefly: while this thread sleeps, senders never
         // have to wake it, and the next batch is written with one syscall.
         std::thread::sleep(BATCH_PAUSE);
@@ -1129,7 +1155,7 @@ mod tests {
         let (rx, sink) = writer.unwrap();
         let dropped = log.dropped.clone();
         log.writer = Some(std::thread::spawn(move || {
-            write_batches(rx, dropped, sink, Format::Json)
+            write_batches(rx, dropped, Arc::new(AtomicU64::new(0)), sink, Format::Json)
         }));
         drop(log);
 

@@ -30,7 +30,7 @@ pub struct RunOptions {
     pub upgrade: bool,
 }
 
-/// Run until SIGTERM/SIGINT/SIGQUIT. Never returns normally (Pingora exits the process).
+/// Run until SIGTERM/SIGINT/SIGQUIT. Never returns normally (the process exits).
 pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     // an upgrade takes over sockets that are bound already: no probing
     let concrete = |addr: SocketAddr| -> Result<SocketAddr, String> {
@@ -75,6 +75,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     };
     first_health_checks(&app)?;
     let live = Live::new(app, options.config_path.clone());
+    let live_for_signals = live.clone();
     {
         // quota-store write failures and the like, reported off the request
         // path; follows reloads
@@ -132,10 +133,12 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         }
         server.add_service(side);
     }
+    let engines_stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     server.add_service(background_service(
         "engine manager",
-        crate::engines::EngineService {
+        EngineManager {
             engines: live.current().engines.clone(),
+            stopped: engines_stopped.clone(),
         },
     ));
     server.add_service(background_service(
@@ -143,13 +146,136 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         crate::reload::Reloader { live: live.clone() },
     ));
     watch_for_handover(&server, live.clone())?;
+    exit_when_idle(&server, live.clone(), engines_stopped)?;
     server.add_service(background_service("pool supervisor", Supervisor { live }));
     // the main listener's line first: scripts read the first line
     let mut announce = vec![(listen, "")];
     announce.extend(admin_listen.map(|a| (a, "admin ")));
     announce.extend(metrics_listen.map(|a| (a, "metrics ")));
     announce_when_listening(announce);
-    server.run_forever();
+    server.run(pingora_core::server::RunArgs {
+        shutdown_signal: Box::new(Signals {
+            live: live_for_signals,
+        }),
+    });
+    std::process::exit(0)
+}
+
+/// The engine manager (start, watch, unload, stop at exit), noting when it
+/// has stopped every engine so an idle shutdown may end the process.
+struct EngineManager {
+    engines: std::sync::Arc<crate::engines::Engines>,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for EngineManager {
+    async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
+        self.engines.clone().supervise(shutdown).await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Pingora's Unix signals, with `server.drain_delay` before a SIGTERM stops
+/// the listeners: meanwhile `/health/ready` answers 503 and every response
+/// says `Connection: close`, so load balancers and clients move away while
+/// requests are still served.
+struct Signals {
+    live: std::sync::Arc<Live>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::server::ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> pingora_core::server::ShutdownSignal {
+        use pingora_core::server::ShutdownSignal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot install the signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = term.recv() => {
+                let app = self.live.current();
+                let delay = app.config.server.drain_delay;
+                if delay.is_zero() {
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                log::info!(
+                    "SIGTERM: readiness 503 and Connection: close for {} s (server.drain_delay) before draining",
+                    delay.as_secs_f64()
+                );
+                self.live
+                    .closing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let grace = app.config.server.grace_period;
+                let margin = Duration::from_secs(1).min(grace / 2);
+                app.draining.send_replace(Some(
+                    tokio::time::Instant::now() + delay + grace.saturating_sub(margin),
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
+                    _ = int.recv() => ShutdownSignal::FastShutdown,
+                }
+            }
+        }
+    }
+}
+
+/// How long after the listeners stop a graceful shutdown waits at least
+/// before it may end early: a request already on its way when they stopped
+/// is still read for up to 1 s (vendor/README.md, patch 2).
+const SHUTDOWN_SETTLE: Duration = Duration::from_millis(1500);
+
+/// Pingora sleeps the whole grace period after a graceful shutdown (SIGTERM,
+/// or the end of an upgrade's handover) starts, even with nothing to wait
+/// for. End the process as soon as no request is in flight (streams and
+/// WebSocket tunnels included) and the engines are stopped; the grace
+/// period stays the upper bound.
+fn exit_when_idle(
+    server: &Server,
+    live: std::sync::Arc<Live>,
+    engines_stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    use pingora_core::server::ExecutionPhase;
+    use std::sync::atomic::Ordering;
+    let mut phases = server.watch_execution_phase();
+    std::thread::Builder::new()
+        .name("exit-when-idle".into())
+        .spawn(move || {
+            loop {
+                match phases.blocking_recv() {
+                    Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+            let started = std::time::Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                if started.elapsed() < SHUTDOWN_SETTLE {
+                    continue;
+                }
+                let app = live.current();
+                if app.metrics.http_active.get() > 0 || !engines_stopped.load(Ordering::Acquire) {
+                    continue;
+                }
+                log::info!(
+                    "graceful shutdown: nothing in flight {} ms after the listeners stopped; exiting",
+                    started.elapsed().as_millis()
+                );
+                app.access_log.flush_before_exit(Duration::from_secs(2));
+                std::process::exit(0);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the idle-exit watch: {e}"))
 }
 
 /// From the moment an upgrade starts handing the listeners over (SIGQUIT) or

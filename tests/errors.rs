@@ -144,9 +144,27 @@ fn gateway_keeps_serving_after_garbage() {
     let (status, _) = post(
         &gw,
         "/v1/chat/completions",
-        br#"{"model":"tiny-chat","messages":[]}"#,
+        br#"{"model":"tiny-chat","messages":[{"role":"user","content":"hi"}]}"#,
     );
     assert_eq!(status, 200);
+}
+
+#[test]
+fn an_engines_validation_error_reaches_the_client_in_openai_shape() {
+    // the mock refuses what vLLM refuses, with vLLM's body
+    let (engine, gw) = engine_behind_gateway(&[], "");
+    for body in [
+        &br#"{"model":"tiny-chat","messages":"hello"}"#[..],
+        br#"{"model":"tiny-chat","messages":[{"role":"user","content":"hi"}],"max_tokens":-1}"#,
+        br#"{"model":"tiny-chat","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}"#,
+    ] {
+        let (status, v) = post(&gw, "/v1/chat/completions", body);
+        assert_eq!(status, 400, "{v}");
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], "400", "{v}");
+    }
+    let stats = get_json(&engine.url("/mock/stats"));
+    assert_eq!(stats["rejected_invalid"], 3, "{stats}");
 }
 
 /// A fake engine on a raw socket: `/health` passes, everything else gets `reply`.

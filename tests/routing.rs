@@ -141,7 +141,7 @@ fn other_v1_paths_go_to_the_model_pool_or_the_default_pool() {
     let gw = gateway(&one_pool(
         &[engine.addr],
         "",
-        "routing: { default_pool: chat }",
+        "routing: { default_pool: chat, user_paths: [\"/v1/files\"] }",
     ));
     wait_healthy(&gw, 1);
     // the mock answers unknown paths with 404; what matters is where it went
@@ -157,11 +157,17 @@ fn other_v1_paths_go_to_the_model_pool_or_the_default_pool() {
         "engine error normalised: {v}"
     );
     assert_eq!(r_code(&v), "404");
+    // /v1/files is not on the built-in user list: routing.user_paths adds it
     let r = client().get(gw.url("/v1/files")).send().unwrap();
     assert!(
         r.headers().contains_key("x-mock-instance"),
         "GET /v1/files went to the default pool"
     );
+    // a path on no list is an engine's own: the admin role (here: none
+    // without auth, so refused) and the engine never sees it
+    let r = client().get(gw.url("/v1/batches")).send().unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(!r.headers().contains_key("x-mock-instance"));
 }
 
 fn r_code(v: &Value) -> &str {

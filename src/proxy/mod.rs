@@ -88,6 +88,17 @@ impl ProxyHttp for Gateway {
         (Bytes::from(error.spec().body()), "application/json")
     }
 
+    /// A marker, so the next request on a reused connection is known as such
+    /// (its head timeout includes the keep-alive idle wait). A box of a
+    /// zero-sized value does not allocate.
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(()))
+    }
+
     fn downstream_connection_closed(&self) {
         if let Some(connections) = &self.connections {
             connections.closed();

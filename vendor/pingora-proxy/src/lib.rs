@@ -325,7 +325,21 @@ where
 
     async fn handle_new_request(
         &self,
+        downstream_session: Box<HttpSession>,
+    ) -> Option<Box<HttpSession>>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        self.handle_new_request_timed(downstream_session, None).await
+    }
+
+    /// infergate patch (vendor/README.md, 3): `reused` (known for downstream
+    /// connections, `None` for subrequests) selects the head timeout.
+    async fn handle_new_request_timed(
+        &self,
         mut downstream_session: Box<HttpSession>,
+        reused: Option<bool>,
     ) -> Option<Box<HttpSession>>
     where
         SV: ProxyHttp + Send + Sync,
@@ -344,8 +358,7 @@ where
         // infergate patch (vendor/README.md, 3): the whole head must arrive
         // within `ProxyHttp::request_header_timeout`; Pingora's own timeout
         // is per read, so one byte a second kept a connection forever.
-        let reused = downstream_session.get_keepalive().is_some();
-        let header_timeout = self.inner.request_header_timeout(reused);
+        let header_timeout = reused.and_then(|r| self.inner.request_header_timeout(r));
         let res = {
             let read = async {
                 match header_timeout {
@@ -370,7 +383,7 @@ where
         };
         let Some(res) = res else {
             debug!("request head not received within {header_timeout:?}");
-            if !reused {
+            if reused == Some(false) {
                 let (body, content_type) = self.inner.request_header_timeout_body();
                 let mut resp = HttpSession::generate_error(408);
                 let _ = resp.insert_header(header::CONTENT_TYPE, content_type);
@@ -1676,11 +1689,14 @@ where
     ) -> Option<ReusedHttpStream> {
         // Extract user context from the previous request before the session is moved into the Box
         let prev_user_ctx = session.take_connection_user_context();
+        // infergate patch (vendor/README.md, 3): a connection is known to be
+        // reused when the application persisted a context on it
+        let reused = prev_user_ctx.is_some();
 
         let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
-        let mut session = match self.handle_new_request(session).await {
+        let mut session = match self.handle_new_request_timed(session, Some(reused)).await {
             Some(downstream_session) => Session::new(
                 downstream_session,
                 &self.downstream_modules,

@@ -56,7 +56,9 @@ pub trait ProxyHttp {
     /// infergate patch (vendor/README.md, 3): the longest time the whole
     /// request head may take to arrive, from the moment the proxy starts
     /// waiting for it. `reused` tells whether the connection already served
-    /// a request (its idle keep-alive wait then counts too). On expiry a new
+    /// a request (its idle keep-alive wait then counts too); it is known
+    /// only when [`Self::persist_connection_context`] returns a context, and
+    /// is `false` otherwise. On expiry a new
     /// connection gets a `408` ([`Self::request_header_timeout_body`]) and
     /// a reused one is closed. `None` (the default): only Pingora's
     /// per-read timeout applies, which a client sending one byte at a time
