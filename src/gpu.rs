@@ -96,6 +96,21 @@ impl GpuMonitor {
     }
 }
 
+/// Each GPU's total memory (id, MB), read once through NVML (for
+/// `--check`); why not, without NVML or without a GPU.
+pub fn read_totals() -> Result<Vec<(u32, u64)>, String> {
+    let nvml = Nvml::init().map_err(|e| format!("NVML is not available ({e})"))?;
+    let snapshot = read(&nvml);
+    if let Some(reason) = snapshot.unavailable {
+        return Err(reason);
+    }
+    Ok(snapshot
+        .gpus
+        .iter()
+        .map(|g| (g.id, g.memory.total_mb))
+        .collect())
+}
+
 fn read(nvml: &Nvml) -> GpuSnapshot {
     let count = match nvml.device_count() {
         Ok(n) => n,

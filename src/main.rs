@@ -134,6 +134,10 @@ fn main() -> ExitCode {
         for warning in &built.warnings {
             eprintln!("{}: warning: {warning}", path.display());
         }
+        // a managed model larger than its GPU can never be loaded
+        for warning in infergate::engines::gpu_fit_warnings(&config.engines) {
+            eprintln!("{}: warning: {warning}", path.display());
+        }
         println!(
             "{}: OK ({} pools, {} model names, {} backends, {} managed engines; filters: [{}])",
             path.display(),

@@ -204,6 +204,150 @@ fn lru_eviction_under_a_fake_gpu_and_503_when_nothing_can_go() {
     assert!(text.contains("[DONE]"));
 }
 
+/// Issue #13: a model declared larger than its GPU is refused at once, and
+/// the idle model already running is not unloaded for it.
+#[test]
+fn a_model_larger_than_the_gpu_unloads_nothing() {
+    let gpu = "  gpu: { source: fake, fake_gpus: [{ id: 0, memory_mb: 24000 }] }\n";
+    let s = start(
+        &[
+            mock_model(
+                "model-a",
+                "      gpus: [0]\n      gpu_memory_mb: 16000\n",
+                "",
+            ),
+            mock_model("huge", "      gpus: [0]\n      gpu_memory_mb: 30000\n", ""),
+        ],
+        gpu,
+    );
+    assert_eq!(chat(&s, "model-a").0, 200);
+    let a_pid = engine(&s, "model-a")["pid"].as_u64().unwrap();
+    let (status, body) = chat(&s, "huge");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_gpu_memory");
+    // the answer came without touching model-a: same process, still serving
+    let a = engine(&s, "model-a");
+    assert_eq!(a["status"], "running", "model-a was not unloaded: {a}");
+    assert_eq!(a["pid"].as_u64(), Some(a_pid));
+    assert!(alive(a_pid));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs 30000 MB") && message.contains("GPU 0 has 24000 MB in total"),
+        "says which number is too big: {message}"
+    );
+    assert_eq!(chat(&s, "model-a").0, 200);
+    assert_eq!(engine(&s, "model-a")["pid"].as_u64(), Some(a_pid));
+    assert_eq!(engine(&s, "huge")["status"], "stopped");
+    let log = s.gw.stderr();
+    assert!(!log.contains("unloading idle"), "{log}");
+    assert!(!log.contains("starting engine `huge`"), "{log}");
+}
+
+/// When unloading every idle engine would still not make room (the rest is
+/// busy), nothing is unloaded and the answer says how much could be freed.
+#[test]
+fn no_eviction_when_evicting_every_idle_engine_would_not_be_enough() {
+    let gpu = "  gpu: { source: fake, fake_gpus: [{ id: 0, memory_mb: 24000 }] }\n";
+    let s = start(
+        &[
+            mock_model(
+                "busy",
+                "      gpus: [0]\n      gpu_memory_mb: 16000\n",
+                ", \"--token-interval-ms\", \"100\"",
+            ),
+            mock_model("small", "      gpus: [0]\n      gpu_memory_mb: 4000\n", ""),
+            mock_model(
+                "model-b",
+                "      gpus: [0]\n      gpu_memory_mb: 16000\n",
+                "",
+            ),
+        ],
+        gpu,
+    );
+    assert_eq!(chat(&s, "busy").0, 200);
+    assert_eq!(chat(&s, "small").0, 200);
+    let small_pid = engine(&s, "small")["pid"].as_u64().unwrap();
+    let gw_url = s.gw.url("/v1/chat/completions");
+    let stream = std::thread::spawn(move || {
+        client()
+            .post(gw_url)
+            .body(
+                serde_json::json!({"model": "busy", "stream": true, "max_tokens": 30,
+                    "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+            )
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    });
+    wait_until(Duration::from_secs(5), "`busy` to be busy", || {
+        engine(&s, "busy")["in_flight"] == 1
+    });
+    // 4000 MB free, and unloading `small` would free only 4000 MB more
+    let (status, body) = chat(&s, "model-b");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_gpu_memory");
+    let small = engine(&s, "small");
+    assert_eq!(
+        small["status"], "running",
+        "`small` was not unloaded: {small}"
+    );
+    assert_eq!(small["pid"].as_u64(), Some(small_pid));
+    assert!(alive(small_pid));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs 16000 MB")
+            && message.contains("4000 MB free")
+            && message.contains("only 4000 MB more"),
+        "{message}"
+    );
+    assert_eq!(chat(&s, "small").0, 200);
+    assert!(stream.join().unwrap().contains("[DONE]"));
+}
+
+/// `--check` warns (exit status unchanged) about a model larger than its GPU.
+#[test]
+fn check_warns_about_a_model_larger_than_its_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |huge_mb: u64| {
+        format!(
+            "engines:\n  gpu: {{ source: fake, fake_gpus: [{{ id: 0, memory_mb: 24000 }}] }}\n  models:\n{}{}",
+            mock_model("model-a", "      gpus: [0]\n      gpu_memory_mb: 16000\n", ""),
+            mock_model("huge", &format!("      gpus: [0]\n      gpu_memory_mb: {huge_mb}\n"), ""),
+        )
+    };
+    let check = |yaml: String| {
+        let path = dir.path().join("check.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(GATEWAY_BIN)
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = check(config(30000));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("OK"), "{stdout}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("engines.models[1].gpu_memory_mb")
+            && warnings[0].contains("`huge` needs 30000 MB")
+            && warnings[0].contains("GPU 0 has 24000 MB in total"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(config(8000));
+    assert_eq!(code, Some(0));
+    assert!(!stderr.contains("warning:"), "{stderr}");
+}
+
 #[test]
 fn crash_restarts_and_a_crash_loop_fails() {
     let crashing = "    - name: broken\n      kind: command\n      command: [\"sh\", \"-c\", \"echo boom on port $0; exit 3\", \"{port}\"]\n      startup_timeout: 5s\n      max_restarts: 2\n".to_string();
