@@ -13,6 +13,20 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 const QUEUE_LINES: usize = 65_536;
+
+/// Lines handed to the writer, and lines it has written and flushed.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+static WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Wait (at most `limit`) until every line logged so far is on stderr, before
+/// the process exits (`std::process::exit` does not wait for the writer).
+pub fn flush_before_exit(limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let target = QUEUED.load(Ordering::Acquire);
+    while WRITTEN.load(Ordering::Acquire) < target && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
 /// Longest a line waits before it is written (beyond the write itself).
 const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -24,7 +38,9 @@ struct ChannelWriter {
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self.tx.try_send(buf.to_vec()) {
-            Ok(()) => {}
+            Ok(()) => {
+                QUEUED.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -47,8 +63,10 @@ fn write_batches(rx: Receiver<Vec<u8>>, dropped: Arc<AtomicU64>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
     while let Ok(first) = rx.recv() {
         let _ = out.write_all(&first);
+        let mut lines = 1;
         while let Ok(next) = rx.try_recv() {
             let _ = out.write_all(&next);
+            lines += 1;
         }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
@@ -58,6 +76,7 @@ fn write_batches(rx: Receiver<Vec<u8>>, dropped: Arc<AtomicU64>) {
             );
         }
         let _ = out.flush();
+        WRITTEN.fetch_add(lines, Ordering::Release);
         // Let lines pile up briefly: while this thread sleeps, senders never
         // have to wake it, and the next batch is written with one syscall.
         std::thread::sleep(BATCH_PAUSE);

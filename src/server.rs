@@ -271,6 +271,7 @@ fn exit_when_idle(
                     started.elapsed().as_millis()
                 );
                 app.access_log.flush_before_exit(Duration::from_secs(2));
+                crate::logging::flush_before_exit(Duration::from_secs(1));
                 std::process::exit(0);
             }
         })

@@ -102,12 +102,105 @@ fn sigint_is_fast() {
     ]);
     let mut gw = gateway(&one_pool(&[engine.addr], "", "  grace_period: 30s\n"));
     wait_healthy(&gw, 1);
-    let _stream = open_stream(&gw);
-    std::thread::sleep(Duration::from_millis(300));
+    let mut stream = open_stream(&gw);
+    // the stream is under way: its first bytes arrived
+    let mut first = [0u8; 64];
+    assert!(stream.read(&mut first).unwrap() > 0);
     signal(&gw, "INT");
     let took = exits_within(&mut gw, Duration::from_secs(10));
     assert!(
         took < Duration::from_secs(10),
         "SIGINT took {took:?} despite a 30 s grace"
+    );
+}
+
+/// One request on a keep-alive connection, which then stays open and idle.
+fn idle_keep_alive(gw: &Proc) -> std::net::TcpStream {
+    let mut conn = raw_connect(gw.addr);
+    write_all(&mut conn, b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n");
+    let mut buf = [0u8; 1024];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    conn
+}
+
+#[test]
+fn an_idle_gateway_exits_soon_after_sigterm_not_after_the_grace_period() {
+    let engine = mock(&["--model", "tiny-chat"]);
+    let mut gw = gateway(&one_pool(&[engine.addr], "", "  grace_period: 30s\n"));
+    wait_healthy(&gw, 1);
+    let _idle = idle_keep_alive(&gw);
+    signal(&gw, "TERM");
+    let took = exits_within(&mut gw, Duration::from_secs(40));
+    assert!(
+        took < Duration::from_secs(6),
+        "an idle gateway took {took:?} to stop (grace 30 s)"
+    );
+    assert!(gw.stderr().contains("nothing in flight"), "{}", gw.stderr());
+}
+
+#[test]
+fn sigterm_waits_for_an_open_stream_then_exits_at_once() {
+    let engine = mock(&[
+        "--model",
+        "tiny-chat",
+        "--tokens",
+        "30",
+        "--token-interval-ms",
+        "100",
+    ]);
+    let mut gw = gateway(&one_pool(&[engine.addr], "", "  grace_period: 30s\n"));
+    wait_healthy(&gw, 1);
+    let mut stream = open_stream(&gw);
+    let mut first = [0u8; 64];
+    assert!(stream.read(&mut first).unwrap() > 0);
+    let t0 = Instant::now();
+    signal(&gw, "TERM");
+    let mut rest = String::new();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let _ = stream.read_to_string(&mut rest);
+    let stream_ended = t0.elapsed();
+    assert!(rest.contains("[DONE]"), "the stream was cut:\n{rest}");
+    let took = exits_within(&mut gw, Duration::from_secs(40));
+    assert!(
+        took < stream_ended + Duration::from_secs(4),
+        "exited {took:?} after SIGTERM; the stream ended at {stream_ended:?}"
+    );
+}
+
+#[test]
+fn drain_delay_keeps_serving_with_readiness_503_first() {
+    let engine = mock(&["--model", "tiny-chat"]);
+    let mut gw = gateway(&one_pool(
+        &[engine.addr],
+        "",
+        "  grace_period: 30s\n  drain_delay: 3s\n",
+    ));
+    wait_healthy(&gw, 1);
+    let t0 = Instant::now();
+    signal(&gw, "TERM");
+    wait_until(Duration::from_secs(3), "readiness 503", || {
+        client()
+            .get(gw.url("/health/ready"))
+            .send()
+            .map(|r| r.status().as_u16() == 503)
+            .unwrap_or(false)
+    });
+    // still served during the delay, with Connection: close
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .body(chat_body("tiny-chat", false))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "checked within the delay"
+    );
+    let took = exits_within(&mut gw, Duration::from_secs(40));
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(9),
+        "exited {took:?} after SIGTERM with a 3 s drain_delay"
     );
 }
