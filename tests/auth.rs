@@ -451,7 +451,18 @@ fn jwt_login_use_and_revoke() {
     let (status, body) = login(&s.gw, "test@example.com", "another long password");
     assert_eq!((status, body["data"]["version"].as_u64()), (200, Some(2)));
 
-    std::thread::sleep(Duration::from_millis(100));
+    // the access log is written in order: once a marker request's line is
+    // in, every line before it is too
+    let marker = "flush-marker-jwt-login";
+    let _ = client()
+        .get(s.gw.url("/health/live"))
+        .header("x-request-id", marker)
+        .send();
+    wait_until(
+        Duration::from_secs(10),
+        "the access log to catch up",
+        || s.gw.stderr().contains(marker),
+    );
     let log = s.gw.stderr();
     assert!(!log.contains(&token), "a JWT reached the log");
     assert!(

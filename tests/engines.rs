@@ -16,8 +16,9 @@ use std::time::Duration;
 
 /// One managed model entry running the mock engine.
 fn mock_model(name: &str, extra: &str, mock_args: &str) -> String {
+    let mock = mock_bin();
     format!(
-        "    - name: {name}\n      kind: command\n      command: [\"{MOCK_BIN}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"{{name}}\"{mock_args}]\n      startup_timeout: 20s\n{extra}"
+        "    - name: {name}\n      kind: command\n      command: [\"{mock}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"{{name}}\"{mock_args}]\n      startup_timeout: 20s\n{extra}"
     )
 }
 
@@ -541,8 +542,9 @@ fn lora_adapters_route_to_their_base_and_load_at_runtime() {
 
 #[test]
 fn streaming_clients_get_keepalive_comments_while_an_engine_starts() {
+    let mock = mock_bin();
     let slow = format!(
-        "    - name: slow-chat\n      kind: command\n      command: [\"sh\", \"-c\", \"sleep 6; exec {MOCK_BIN} --listen 127.0.0.1:$0 --model slow-chat\", \"{{port}}\"]\n      startup_timeout: 30s\n"
+        "    - name: slow-chat\n      kind: command\n      command: [\"sh\", \"-c\", \"sleep 6; exec {mock} --listen 127.0.0.1:$0 --model slow-chat\", \"{{port}}\"]\n      startup_timeout: 30s\n"
     );
     let broken = "    - name: broken\n      kind: command\n      command: [\"sh\", \"-c\", \"echo no luck; exit 1\", \"{port}\"]\n      startup_timeout: 5s\n      max_restarts: 0\n".to_string();
     let s = start(&[slow, broken], "");

@@ -302,7 +302,7 @@ fn readiness_follows_a_backend_that_dies_and_returns() {
     let body = get_json(&gw.url("/health/ready"));
     assert_eq!(body["ready"], false);
     // the same engine comes back on the same address
-    let back = Command::new(MOCK_BIN)
+    let back = Command::new(mock_bin())
         .args(["--listen", &port.to_string(), "--model", "tiny-chat"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -183,18 +183,24 @@ fn an_upgrade_under_load_refuses_no_connection() {
             }
         }));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(Duration::from_secs(10), "the load to get going", || {
+        tally.ok.load(Ordering::Relaxed) > 100
+    });
 
     let mut new = up.start_new();
     let before = tally.ok.load(Ordering::Relaxed);
     up.quit_old();
     // the old process hands over, keeps serving 5 s (Pingora's close
-    // timeout), drains for the 3 s grace and exits
+    // timeout), drains (the 3 s grace at most) and exits
     let exit = up.old_exit();
     let during = tally.ok.load(Ordering::Relaxed) - before;
     // traffic keeps flowing to the new process alone
     let after_exit = tally.ok.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until(
+        Duration::from_secs(10),
+        "traffic on the new process alone",
+        || tally.ok.load(Ordering::Relaxed) > after_exit + 1000,
+    );
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().unwrap();
@@ -300,6 +306,8 @@ fn requests_arriving_as_the_old_process_stops_are_answered() {
     wait_until(Duration::from_secs(15), "the old listener to stop", || {
         up.old.stderr().contains("Shutting down 127.0.0.1")
     });
+    // not a synchronisation: the requests are meant to arrive just after the
+    // stop, inside the 1 s the old process still reads pending requests
     std::thread::sleep(Duration::from_millis(50));
     for (name, conn) in [("fresh", &mut fresh), ("idle keep-alive", &mut idle)] {
         let answer = exchange(conn);

@@ -15,7 +15,23 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_infergate");
-pub const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-engine");
+/// The mock engine, built by the `infergate-tools` workspace crate next to
+/// the gateway (`cargo build --release` and `cargo test --workspace` build
+/// it; a test binary lives in `target/<profile>/deps/`).
+pub fn mock_bin() -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("mock-engine"))
+        .expect("target/<profile>/");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --release -p infergate-tools` (or run `cargo test --workspace`)",
+        path.display()
+    );
+    path.display().to_string()
+}
 
 /// A child process killed on drop.
 pub struct Proc {
@@ -88,7 +104,7 @@ fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
 }
 
 pub fn mock(args: &[&str]) -> Proc {
-    let mut child = Command::new(MOCK_BIN)
+    let mut child = Command::new(mock_bin())
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
