@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke bench fmt clean \
+.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke bench fmt clean \
 	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
@@ -33,14 +33,16 @@ build: setup
 run: build
 	conf/quickstart.sh
 
-## test: everything CI runs — lint, unit + integration tests, config check, real llama.cpp suite, benchmark smoke
-test: setup-test build lint unit check-conf real-engine smoke
+## test: everything CI runs — lint, unit + integration tests, config check, real llama.cpp suite, benchmark smoke,
+## soak smoke
+test: setup-test build lint unit check-conf real-engine smoke soak-smoke
 
 unit:
 	$(CARGO) test --release --workspace
 
 lint:
 	scripts/check-large-files.sh
+	vendor/apply-patches.sh --check
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
@@ -66,6 +68,17 @@ e2e-vllm: build
 ## nginx vs infergate with everything on, ratio checks only (load-tests/smoke.sh)
 smoke: setup-test build
 	load-tests/smoke.sh
+
+## soak: NOT in CI: 10 minutes of mixed load (chat, embeddings, streams, 10 % client aborts, slow clients)
+## while engines are killed, stalled and restarted, the config reloaded and the keys file rotated every
+## 10 s; checks every failure is OpenAI-shaped and accounted for, none hung, quota = engine usage, fds and
+## RSS back (load-tests/soak.py, load-tests/README.md)
+soak: build
+	load-tests/soak.py
+
+## soak-smoke: the CI variant of the soak, 60 s of faults (~1.5 min in all)
+soak-smoke: build
+	timeout 600 load-tests/soak.py --duration 60
 
 ## bench: the whole performance ladder, scenarios (a)-(f), ~30 min; writes
 ## load-tests/results/ladder-<UTC>.json and .md (load-tests/README.md)
