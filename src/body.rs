@@ -26,8 +26,15 @@ struct Peek<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Present as `null` too: plain `Option` reads `null` as absent, and the
+    /// include_usage edit would then add a second `stream_options` key.
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
+}
+
+/// A field that is in the body, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// What the gateway reads from a request body: routing, admission and usage
@@ -341,6 +348,25 @@ mod tests {
         ] {
             assert_eq!(include_usage_edit(body, &inspect(body).unwrap()), None);
         }
+    }
+
+    #[test]
+    fn null_stream_options_is_left_to_the_engine_not_duplicated() {
+        // found by fuzz/fuzz_targets/body.rs: `null` was read as absent, so the edit
+        // added a second `stream_options` key, and engines keep the last one (`null`)
+        let body = br#"{"stream" : true , "model":"a","stream_options":null}"#;
+        let info = inspect(body).unwrap();
+        assert_eq!(info.stream_options_span, Some(48..52));
+        assert!(!info.include_usage);
+        assert_eq!(include_usage_edit(body, &info), None);
+        let field = info.model.clone().unwrap();
+        let out = apply_edits(body, vec![model_edit(&field, "served")]);
+        assert_eq!(
+            inspect(&out).unwrap().model.map(|m| m.name),
+            Ok("served".into())
+        );
+        // still refused when duplicated, `null` or not
+        assert!(inspect(br#"{"stream_options":null,"stream_options":{}}"#).is_err());
     }
 
     #[test]

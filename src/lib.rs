@@ -24,6 +24,7 @@ pub mod access_log;
 pub mod body;
 pub mod body_budget;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod engines;
 pub mod errors;

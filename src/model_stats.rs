@@ -36,12 +36,7 @@ impl Drop for ModelGuard {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::now_ms;
 
 impl ModelStats {
     pub fn new(names: impl IntoIterator<Item = String>) -> ModelStats {

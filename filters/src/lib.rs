@@ -21,6 +21,7 @@ pub mod auth;
 mod chain;
 pub mod cors;
 pub mod limits;
+pub mod percent;
 pub mod registry;
 mod request_id;
 

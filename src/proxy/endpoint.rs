@@ -222,12 +222,11 @@ pub fn classify(method: &str, path: &str, policy: &PathPolicy) -> Result<Endpoin
     })
 }
 
-/// `%2F` → `/` etc. for model ids in paths (normalised paths have no
-/// malformed escapes); bytes that are not UTF-8 become U+FFFD.
+/// `%2F` → `/` etc. for ids in paths, with the gateway's one decoding
+/// ([`infergate_filters::percent::decode`]); an id that does not decode is
+/// kept as written (it then names nothing and gets a 404).
 pub(crate) fn percent_decode(text: &str) -> String {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8_lossy()
-        .into_owned()
+    infergate_filters::percent::decode(text).unwrap_or_else(|| text.to_string())
 }
 
 #[cfg(test)]

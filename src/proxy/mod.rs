@@ -479,12 +479,6 @@ async fn route_and_forward(
         return Ok(());
     }
     ctx.user = ctx.filters.identity.as_ref().map(|i| i.user.clone());
-    if app.auth.is_some() {
-        // the gateway's credentials are not the engine's business
-        let header = session.req_header_mut();
-        header.remove_header("authorization");
-        header.remove_header("x-api-key");
-    }
     if access == Access::Admin && app.auth.is_none() && !admin_listener {
         return Err(GatewayError::rejected(admin::needs_protection()));
     }

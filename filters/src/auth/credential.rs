@@ -3,8 +3,9 @@
 //! In this order: `Authorization: Bearer <x>` (scheme case-insensitive),
 //! `Authorization: <x>` (no scheme, as the seed allows), `x-api-key: <x>`,
 //! `?token=<x>` (percent-decoded; for browsers' EventSource, which cannot set
-//! headers). Every `token` query parameter is removed from the request, so a
-//! credential in the URL never reaches the engine.
+//! headers). Once read, every credential (both headers and every `token`
+//! query parameter) is removed from the request, so none reaches an engine:
+//! the auth filter decides this, the proxy only applies the edited request.
 
 use crate::Request;
 
@@ -18,8 +19,18 @@ pub(crate) enum Found {
     UnsupportedScheme(String),
 }
 
-/// Take the credential out of `req`, removing any `token` query parameter.
+/// Take the credential out of `req`: it is read, then every place a
+/// credential can be (`Authorization`, `x-api-key`, any `token` query
+/// parameter) is removed from the request, so the gateway's credentials
+/// never reach an engine, whatever the endpoint.
 pub(crate) fn take(req: &mut dyn Request) -> Found {
+    let found = read(req);
+    req.remove_header("authorization");
+    req.remove_header("x-api-key");
+    found
+}
+
+fn read(req: &mut dyn Request) -> Found {
     let from_query = match req.query() {
         Some(query) => {
             let (token, rest) = strip_token(query);
@@ -83,9 +94,9 @@ pub(crate) fn strip_token(query: &str) -> (Option<String>, Option<String>) {
     let mut kept: Vec<&str> = Vec::new();
     for part in query.split('&') {
         let (name, value) = part.split_once('=').unwrap_or((part, ""));
-        if percent_decode(name).as_deref() == Some("token") {
+        if crate::percent::decode(name).as_deref() == Some("token") {
             if token.is_none() {
-                token = Some(percent_decode(value).unwrap_or_else(|| value.to_string()));
+                token = Some(crate::percent::decode(value).unwrap_or_else(|| value.to_string()));
             }
         } else {
             kept.push(part);
@@ -96,31 +107,6 @@ pub(crate) fn strip_token(query: &str) -> (Option<String>, Option<String>) {
     }
     let rest = kept.join("&");
     (token, (!rest.is_empty()).then_some(rest))
-}
-
-/// `%XX` decoding (`+` is kept as is); `None` if malformed or not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hi = bytes.get(i + 1).and_then(|b| char::from(*b).to_digit(16))?;
-                let lo = bytes.get(i + 2).and_then(|b| char::from(*b).to_digit(16))?;
-                out.push(u8::try_from(hi * 16 + lo).ok()?);
-                i += 3;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -139,15 +125,6 @@ mod tests {
             (Some("abc".into()), Some("z".into()))
         );
         assert_eq!(strip_token("tokens=1&b"), (None, Some("tokens=1&b".into())));
-    }
-
-    #[test]
-    fn percent_decoding_is_strict() {
-        assert_eq!(percent_decode("a%20b+c").as_deref(), Some("a b+c"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%4"), None);
-        assert_eq!(percent_decode("%ff"), None);
-        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
     }
 
     #[test]

@@ -553,6 +553,26 @@ fn public_and_login_ignore_credentials_but_strip_the_token_parameter() {
 }
 
 #[test]
+fn credentials_are_removed_from_the_request_once_read() {
+    let (_dir, auth, _) = setup(None);
+    for access in [Access::Api, Access::Public] {
+        let mut req = request(access)
+            .with_header("Authorization", &format!("Bearer {PLAIN_KEY}"))
+            .with_header("x-api-key", ADMIN_KEY)
+            .with_header("x-other", "kept");
+        req.query = Some("token=sk-x&a=1".into());
+        let _ = auth.authenticate(&mut req);
+        let names: Vec<&str> = req.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["x-other"], "{access:?}");
+        assert_eq!(req.query.as_deref(), Some("a=1"));
+    }
+    // a refused credential is removed too
+    let mut wrong = bearer(Access::Api, "sk-wrong");
+    assert!(auth.authenticate(&mut wrong).is_err());
+    assert!(wrong.headers.is_empty());
+}
+
+#[test]
 fn the_filter_records_the_identity() {
     let (_dir, auth, _) = setup(None);
     let filter = AuthFilter(Arc::clone(&auth));
