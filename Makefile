@@ -35,7 +35,7 @@ run: build
 
 ## test: everything CI runs — lint, unit + integration tests, config check, real llama.cpp suite, benchmark smoke,
 ## soak smoke
-test: setup-test build lint unit check-conf real-engine smoke
+test: setup-test build lint unit check-conf real-engine smoke soak-smoke
 
 unit:
 	$(CARGO) test --release --workspace
