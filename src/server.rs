@@ -10,14 +10,30 @@ use pingora_core::services::background::background_service;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-/// Port 0 means "any free port": reserve one from the OS now, so the address
-/// can be announced. (Pingora binds its own socket; the gap between releasing
-/// ours and its bind is microseconds.) A fixed port is probed the same way,
-/// so a port in use fails the start with a clear error instead of Pingora's
-/// retry loop.
-fn concrete_listen(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let probe = TcpListener::bind(addr)?;
-    probe.local_addr()
+/// Port 0 means "any free port": take one from the OS now, so the address
+/// can be announced, and keep holding it (bound with `SO_REUSEPORT`, not
+/// listening, so it receives no connection) until Pingora's own listener,
+/// also `SO_REUSEPORT`, has bound it: the port can never go to another socket
+/// in between. A fixed port is probed (bound and released), so a port in use
+/// fails the start with a clear error instead of Pingora's retry loop, and
+/// keeps its usual exclusive bind.
+fn concrete_listen(addr: SocketAddr) -> std::io::Result<(SocketAddr, Option<socket2::Socket>)> {
+    if addr.port() != 0 {
+        let probe = TcpListener::bind(addr)?;
+        return Ok((probe.local_addr()?, None));
+    }
+    let hold = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    hold.set_reuse_port(true)?;
+    hold.bind(&addr.into())?;
+    let bound = hold
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("the bound address is not an IP address"))?;
+    Ok((bound, Some(hold)))
 }
 
 /// How `infergate` was started.
@@ -32,8 +48,10 @@ pub struct RunOptions {
 
 /// Run until SIGTERM/SIGINT/SIGQUIT. Never returns normally (the process exits).
 pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
+    // ports held until Pingora has bound them (port 0), released once listening
+    let mut holds = Vec::new();
     // an upgrade takes over sockets that are bound already: no probing
-    let concrete = |addr: SocketAddr| -> Result<SocketAddr, String> {
+    let mut concrete = |addr: SocketAddr| -> Result<SocketAddr, String> {
         if options.upgrade {
             if addr.port() == 0 {
                 return Err(format!(
@@ -42,7 +60,10 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
             }
             return Ok(addr);
         }
-        concrete_listen(addr).map_err(|e| format!("cannot bind {addr}: {e}"))
+        let (bound, hold) =
+            concrete_listen(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        holds.extend(hold.map(|h| (bound, h)));
+        Ok(bound)
     };
     let listen = concrete(config.server.listen)?;
     config.server.listen = listen;
@@ -76,22 +97,6 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     first_health_checks(&app)?;
     let live = Live::new(app, options.config_path.clone());
     let live_for_signals = live.clone();
-    {
-        // quota-store write failures and the like, reported off the request
-        // path; follows reloads
-        let live = live.clone();
-        std::thread::Builder::new()
-            .name("limits-warnings".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(2));
-                if let Some(limits) = live.current().limits.clone() {
-                    for warning in limits.take_warnings() {
-                        log::warn!("limits: {warning}");
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the limits warning thread: {e}"))?;
-    }
     let opt = Opt {
         upgrade: options.upgrade,
         ..Opt::default()
@@ -119,7 +124,17 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         Gateway::new(live.clone(), Some(limit.clone())),
     );
     proxy.set_connection_filter(limit);
-    proxy.add_tcp(&listen.to_string());
+    let held: Vec<SocketAddr> = holds.iter().map(|(addr, _)| *addr).collect();
+    let add = |service: &mut pingora_core::services::listening::Service<_>, addr: SocketAddr| {
+        if held.contains(&addr) {
+            let mut options = pingora_core::listeners::TcpSocketOptions::default();
+            options.so_reuseport = Some(true);
+            service.add_tcp_with_settings(&addr.to_string(), options);
+        } else {
+            service.add_tcp(&addr.to_string());
+        }
+    };
+    add(&mut proxy, listen);
     server.add_service(proxy);
     // the side listeners (admin, metrics) are not counted against
     // max_connections: they stay reachable when the main listener is full
@@ -129,7 +144,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
             Gateway::new(live.clone(), None),
         );
         for addr in admin_listen.iter().chain(metrics_listen.iter()) {
-            side.add_tcp(&addr.to_string());
+            add(&mut side, *addr);
         }
         server.add_service(side);
     }
@@ -142,6 +157,10 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "limits warnings",
+        LimitsWarnings { live: live.clone() },
+    ));
+    server.add_service(background_service(
         "config reloader",
         crate::reload::Reloader { live: live.clone() },
     ));
@@ -152,13 +171,37 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     let mut announce = vec![(listen, "")];
     announce.extend(admin_listen.map(|a| (a, "admin ")));
     announce.extend(metrics_listen.map(|a| (a, "metrics ")));
-    announce_when_listening(announce);
+    announce_when_listening(announce, holds);
     server.run(pingora_core::server::RunArgs {
         shutdown_signal: Box::new(Signals {
             live: live_for_signals,
         }),
     });
     std::process::exit(0)
+}
+
+/// Quota-store write failures and the like, reported off the request path
+/// every 2 s; follows reloads, stops with the server.
+struct LimitsWarnings {
+    live: std::sync::Arc<Live>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for LimitsWarnings {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Some(limits) = self.live.current().limits.clone() {
+                for warning in limits.take_warnings() {
+                    log::warn!("limits: {warning}");
+                }
+            }
+        }
+    }
 }
 
 /// The engine manager (start, watch, unload, stop at exit), noting when it
@@ -342,8 +385,13 @@ fn first_health_checks(app: &AppState) -> Result<(), String> {
 
 /// Print the ready line once the listener accepts connections, so tests and
 /// scripts learn readiness (and a port-0 address) from the process itself.
-fn announce_when_listening(listeners: Vec<(SocketAddr, &'static str)>) {
+fn announce_when_listening(
+    listeners: Vec<(SocketAddr, &'static str)>,
+    holds: Vec<(SocketAddr, socket2::Socket)>,
+) {
     std::thread::spawn(move || {
+        // Pingora's listeners accept: the held ports may go now
+        let _holds = holds;
         'next: for (addr, what) in listeners {
             for _ in 0..600 {
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
