@@ -175,6 +175,7 @@ impl GatewayError {
                     X::Failed { .. } => "engine_failed",
                     X::Timeout { .. } => "engine_start_timeout",
                     X::NoGpuMemory { .. } => "insufficient_gpu_memory",
+                    X::TooLargeForGpu { .. } => "model_too_large_for_gpu",
                     X::Unloading { .. } => "engine_unloading",
                 };
                 (503, "service_unavailable", code, None, e.message())
@@ -185,12 +186,17 @@ impl GatewayError {
             E::Overloaded { retry_after, .. } => Some((*retry_after).max(1)),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,
+            E::Engine(crate::engines::EngineError::TooLargeForGpu { .. }) => None,
             E::Engine(crate::engines::EngineError::NoGpuMemory { .. }) => Some(10),
             E::Engine(_) => Some(2),
             _ => None,
         };
         let headers = match self {
             E::Rejected(r) => r.headers.clone(),
+            // the OpenAI SDKs retry 503s unless told not to: this one never passes
+            E::Engine(crate::engines::EngineError::TooLargeForGpu { .. }) => {
+                vec![("x-should-retry", "false".to_string())]
+            }
             _ => Vec::new(),
         };
         let keep_alive = !matches!(

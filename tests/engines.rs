@@ -225,7 +225,8 @@ fn a_model_larger_than_the_gpu_unloads_nothing() {
     let a_pid = engine(&s, "model-a")["pid"].as_u64().unwrap();
     let (status, body) = chat(&s, "huge");
     assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "insufficient_gpu_memory");
+    // its own code (no Retry-After, x-should-retry: false): no retry can help
+    assert_eq!(body["error"]["code"], "model_too_large_for_gpu");
     // the answer came without touching model-a: same process, still serving
     let a = engine(&s, "model-a");
     assert_eq!(a["status"], "running", "model-a was not unloaded: {a}");

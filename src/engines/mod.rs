@@ -33,8 +33,9 @@ pub enum State {
     Draining,
     Stopping,
     Failed(String),
-    /// The last start could not get GPU memory; the next request tries again.
-    Unavailable(String),
+    /// The last start could not get GPU memory (`NoGpuMemory` or
+    /// `TooLargeForGpu`); the next request tries again.
+    Unavailable(EngineError),
 }
 
 impl State {
@@ -61,6 +62,9 @@ pub enum EngineError {
     /// Not enough GPU memory: the model is larger than a GPU, or does not
     /// fit even after unloading every idle engine (then nothing is unloaded).
     NoGpuMemory { model: String, detail: String },
+    /// The model needs more memory than its GPU has in total: no retry and
+    /// no eviction can help (a configuration error).
+    TooLargeForGpu { model: String, detail: String },
     /// It is being unloaded.
     Unloading { model: String },
 }
@@ -75,7 +79,8 @@ impl EngineError {
                 "The engine for `{model}` did not become ready within {} s. Retry shortly.",
                 waited.as_secs()
             ),
-            EngineError::NoGpuMemory { model, detail } => {
+            EngineError::NoGpuMemory { model, detail }
+            | EngineError::TooLargeForGpu { model, detail } => {
                 format!("Not enough GPU memory to load `{model}`: {detail}.")
             }
             EngineError::Unloading { model } => {
@@ -422,12 +427,7 @@ impl Engines {
                 // a new request retries a start that found no memory; one that
                 // waited for that start gets its answer
                 State::Unavailable(_) if first => self.clone().start_in_background(engine.clone()),
-                State::Unavailable(detail) => {
-                    return Err(EngineError::NoGpuMemory {
-                        model: name,
-                        detail,
-                    })
-                }
+                State::Unavailable(error) => return Err(error),
                 State::Failed(reason) => {
                     return Err(EngineError::Failed {
                         model: name,
@@ -514,11 +514,16 @@ impl Engines {
                 last_used_ms: e.last_used_ms.load(Ordering::Relaxed),
             })
             .collect();
-        let victims =
-            plan_admission(need, &rooms, &evictable).map_err(|why| EngineError::NoGpuMemory {
+        let victims = plan_admission(need, &rooms, &evictable).map_err(|why| match why {
+            Infeasible::LargerThanGpu { .. } => EngineError::TooLargeForGpu {
                 model: engine.spec.name.clone(),
                 detail: why.describe(need),
-            })?;
+            },
+            Infeasible::CannotFree { .. } => EngineError::NoGpuMemory {
+                model: engine.spec.name.clone(),
+                detail: why.describe(need),
+            },
+        })?;
         for i in victims {
             let Some(victim) = candidates.get(i) else {
                 continue;
@@ -606,8 +611,11 @@ impl Engines {
                 let reason = e.message();
                 log::warn!("{reason}");
                 *lock(&engine.last_error) = Some(reason);
-                if let EngineError::NoGpuMemory { detail, .. } = e {
-                    engine.set(State::Unavailable(detail));
+                if matches!(
+                    e,
+                    EngineError::NoGpuMemory { .. } | EngineError::TooLargeForGpu { .. }
+                ) {
+                    engine.set(State::Unavailable(e));
                 }
                 return;
             }
