@@ -1,9 +1,10 @@
-//! Per-request accounting: active/completed/cancelled counters and the
-//! per-model running gauge.
+//! Per-request accounting: active/completed/cancelled counters, and the
+//! running slot a request holds once the scheduler lets it run.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::sched::RunSlot;
 use crate::state::State;
 
 /// Tracks one in-flight inference request. Created when the request arrives;
@@ -14,6 +15,8 @@ pub struct InflightGuard {
     model: Option<usize>,
     streaming: bool,
     done: bool,
+    /// Held from the end of the queue to the end of the response.
+    slot: Option<RunSlot>,
 }
 
 impl InflightGuard {
@@ -25,6 +28,7 @@ impl InflightGuard {
             model: None,
             streaming: false,
             done: false,
+            slot: None,
         }
     }
 
@@ -32,26 +36,29 @@ impl InflightGuard {
         &self.state
     }
 
-    /// Attribute this request to a served model (for vllm:num_requests_running).
+    /// Attribute this request to a served model.
     pub fn set_model(&mut self, idx: usize) {
-        if self.model.is_none() {
-            if let Some(m) = self.state.models.get(idx) {
-                m.running.fetch_add(1, Ordering::Relaxed);
-                self.model = Some(idx);
-            }
+        if self.model.is_none() && idx < self.state.models.len() {
+            self.model = Some(idx);
         }
+    }
+
+    /// Keep the request's running slot until the request ends.
+    pub fn hold(&mut self, slot: RunSlot) {
+        self.slot = Some(slot);
     }
 
     pub fn set_streaming(&mut self) {
         self.streaming = true;
     }
 
+    /// Called after the outcome is counted, so whoever sees the next queued
+    /// request run also sees this one's outcome.
     fn close(&mut self) {
         self.done = true;
         self.state.counters.active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(m) = self.model.and_then(|i| self.state.models.get(i)) {
-            m.running.fetch_sub(1, Ordering::Relaxed);
-        }
+        // frees the running slot for the next queued request
+        self.slot = None;
     }
 
     /// The response was fully produced.
@@ -61,20 +68,20 @@ impl InflightGuard {
 
     pub fn finish_in_place(&mut self) {
         if !self.done {
-            self.close();
             self.state
                 .counters
                 .completed
                 .fetch_add(1, Ordering::Relaxed);
+            self.close();
         }
     }
 
     /// The server deliberately aborted the stream (--drop-after-chunks).
     pub fn dropped_by_server(&mut self) {
         if !self.done {
-            self.close();
             let c = &self.state.counters;
             c.dropped_streams.fetch_add(1, Ordering::Relaxed);
+            self.close();
         }
     }
 }
@@ -82,12 +89,12 @@ impl InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if !self.done {
-            self.close();
             let c = &self.state.counters;
             c.cancelled.fetch_add(1, Ordering::Relaxed);
             if self.streaming {
                 c.aborted_streams.fetch_add(1, Ordering::Relaxed);
             }
+            self.close();
             log::debug!("request cancelled (streaming: {})", self.streaming);
         }
     }

@@ -2,15 +2,19 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
 use crate::body::{error_response, json_response, MockBody};
 use crate::guard::InflightGuard;
+use crate::kvcache::{prompt_sequences, Sequence, BLOCK_TOKENS};
 use crate::sse::{SseStream, StreamParams};
+use crate::state::{ModelStats, State};
 use crate::tokens::{
     chat_prompt_tokens, completion_prompt_tokens, completion_tokens, embedding_for, random_id,
     single_input_tokens, split_inputs, unix_now,
@@ -26,15 +30,97 @@ pub enum Endpoint {
     Embeddings,
 }
 
+/// The engine's prompt tokens for this request (see [`crate::kvcache`]).
+static X_MOCK_PROMPT_TOKENS: HeaderName = HeaderName::from_static("x-mock-prompt-tokens");
+/// Of those, the tokens its cached prefix covered.
+static X_MOCK_CACHED_TOKENS: HeaderName = HeaderName::from_static("x-mock-cached-tokens");
+
+/// Per-request timing.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Gap between streamed tokens (the `x-mock-token-interval-us` header,
+    /// else `--token-interval-ms`).
+    pub interval: Duration,
+    /// Prefill time per uncached prompt token (the
+    /// `x-mock-prefill-us-per-token` header, else `--prefill-us-per-token`).
+    pub prefill_per_token: Duration,
+}
+
+/// What prefill found: the engine's prompt tokens and the cached ones.
+#[derive(Clone, Copy, Debug, Default)]
+struct Prefilled {
+    tokens: u64,
+    cached: u64,
+}
+
+/// Wait for a running slot, then prefill: look the prompt up in the prefix
+/// cache, take `base` + `per_token` × uncached tokens, then insert its full
+/// blocks. The slot stays in `guard` until the response ends.
+async fn schedule_and_prefill(
+    state: &Arc<State>,
+    stats: &ModelStats,
+    model: usize,
+    seqs: &[Sequence],
+    base: Duration,
+    per_token: Duration,
+    guard: &mut InflightGuard,
+) -> Prefilled {
+    let slot = crate::sched::acquire(state, model).await;
+    guard.hold(slot);
+    let on = state.cache_on;
+    let mut p = Prefilled {
+        tokens: seqs.iter().map(|s| s.tokens).sum(),
+        cached: 0,
+    };
+    if on {
+        let cache = state.cache();
+        for seq in seqs {
+            // As vLLM: a fully cached prompt still computes its last token,
+            // so at most (tokens - 1) tokens' full blocks can hit.
+            let usable = usize::try_from(seq.tokens.saturating_sub(1) / BLOCK_TOKENS)
+                .unwrap_or(usize::MAX)
+                .min(seq.blocks.len());
+            p.cached += cache.match_prefix(&seq.blocks[..usable]) as u64 * BLOCK_TOKENS;
+        }
+    }
+    let c = &state.counters;
+    c.prompt_tokens.fetch_add(p.tokens, Ordering::Relaxed);
+    c.cached_prompt_tokens
+        .fetch_add(p.cached, Ordering::Relaxed);
+    if on {
+        stats.cache_queries.fetch_add(p.tokens, Ordering::Relaxed);
+        stats.cache_hits.fetch_add(p.cached, Ordering::Relaxed);
+    }
+    let uncached = u32::try_from(p.tokens.saturating_sub(p.cached)).unwrap_or(u32::MAX);
+    let wait = base.saturating_add(per_token.saturating_mul(uncached));
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    if on {
+        let mut cache = state.cache();
+        for seq in seqs {
+            cache.insert(&seq.blocks);
+        }
+    }
+    p
+}
+
+fn add_token_headers(resp: &mut Response<MockBody>, p: Prefilled) {
+    let h = resp.headers_mut();
+    h.insert(X_MOCK_PROMPT_TOKENS.clone(), HeaderValue::from(p.tokens));
+    h.insert(X_MOCK_CACHED_TOKENS.clone(), HeaderValue::from(p.cached));
+}
+
 /// Produce the response for an inference request that passed
-/// [`crate::validate`]. `model` is the index of a served model.
-/// `interval`: the gap between streamed tokens for this request (the
-/// `x-mock-token-interval-us` header, else `--token-interval-ms`).
+/// [`crate::validate`]. `model` is the index of a served model; `asked` the
+/// model name the request used (a served model or a LoRA adapter; `None`
+/// for the first served model).
 pub async fn respond(
     endpoint: Endpoint,
     req: &Value,
     model: usize,
-    interval: std::time::Duration,
+    asked: Option<&str>,
+    timing: Timing,
     mut guard: InflightGuard,
 ) -> Response<MockBody> {
     let state = guard.state().clone();
@@ -52,6 +138,8 @@ pub async fn respond(
     guard.set_model(model);
     let model_name = stats.name.as_str();
     let created = unix_now();
+    let hashing = state.cache_on;
+    let seqs = || prompt_sequences(endpoint, req, asked.unwrap_or(model_name), hashing);
 
     if endpoint == Endpoint::Embeddings {
         let Some(input) = req.get("input") else {
@@ -64,6 +152,17 @@ pub async fn respond(
                 cfg.flat_errors,
             );
         };
+        let seqs = seqs();
+        let pre = schedule_and_prefill(
+            &state,
+            stats,
+            model,
+            &seqs,
+            Duration::ZERO,
+            timing.prefill_per_token,
+            &mut guard,
+        )
+        .await;
         let inputs = split_inputs(input);
         let prompt_tokens: u64 = inputs.iter().map(|i| single_input_tokens(i)).sum();
         let data = inputs
@@ -79,7 +178,7 @@ pub async fn respond(
             .prompt_tokens
             .fetch_add(prompt_tokens, Ordering::Relaxed);
         let id = random_id("embd-");
-        let resp = json_response(
+        let mut resp = json_response(
             StatusCode::OK,
             &EmbeddingList {
                 id: &id,
@@ -93,6 +192,7 @@ pub async fn respond(
                 },
             },
         );
+        add_token_headers(&mut resp, pre);
         guard.finish();
         return resp;
     }
@@ -117,9 +217,16 @@ pub async fn respond(
         .generation_tokens
         .fetch_add(u64::from(ctokens), Ordering::Relaxed);
 
-    if !cfg.ttft.is_zero() {
-        tokio::time::sleep(cfg.ttft).await;
-    }
+    let pre = schedule_and_prefill(
+        &state,
+        stats,
+        model,
+        &seqs(),
+        cfg.ttft,
+        timing.prefill_per_token,
+        &mut guard,
+    )
+    .await;
 
     let stream = req
         .get("stream")
@@ -140,12 +247,13 @@ pub async fn respond(
             completion_tokens: ctokens,
             include_usage,
             drop_after: cfg.drop_after_chunks,
-            interval,
+            interval: timing.interval,
         };
         let mut resp = Response::new(MockBody::Stream(Box::new(SseStream::new(params, guard))));
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        add_token_headers(&mut resp, pre);
         return resp;
     }
 
@@ -184,7 +292,7 @@ pub async fn respond(
         choices: [choice],
         usage: Usage::new(prompt_tokens, u64::from(ctokens)),
     };
-    let resp = match serde_json::to_vec(&body) {
+    let mut resp = match serde_json::to_vec(&body) {
         Ok(v) => crate::body::full(StatusCode::OK, &crate::body::JSON, Bytes::from(v)),
         Err(e) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -194,6 +302,7 @@ pub async fn respond(
             cfg.flat_errors,
         ),
     };
+    add_token_headers(&mut resp, pre);
     guard.finish();
     resp
 }

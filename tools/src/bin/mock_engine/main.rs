@@ -6,8 +6,10 @@
 mod body;
 mod guard;
 mod inference;
+mod kvcache;
 mod request;
 mod router;
+mod sched;
 mod sse;
 mod state;
 mod tokens;
@@ -30,7 +32,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::state::{Config, State};
+use crate::state::{Config, Engine, State};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -84,6 +86,19 @@ struct Cli {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Scheduler: at most N inference requests run (prefill and generate) at
+    /// once; the others wait in a FIFO queue (`vllm:num_requests_waiting`).
+    /// A stream holds its slot until it ends. Default: unlimited.
+    #[arg(long, value_name = "N")]
+    max_running: Option<usize>,
+    /// Prefix cache: an LRU of 16-token blocks holding N tokens (0: off).
+    /// Tokens are whitespace-separated words (see kvcache.rs).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    prefix_cache_tokens: u64,
+    /// Prefill time per uncached prompt token, added to --ttft-ms (a
+    /// request's `x-mock-prefill-us-per-token` header overrides it).
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    prefill_us_per_token: u64,
 }
 
 /// Counts a connection as closed when its task ends (normally or not).
@@ -115,6 +130,16 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         if !(0.0..=1.0).contains(&rate) {
             return Err(format!("--error-rate must be within 0.0..=1.0, got {rate}").into());
         }
+    }
+    if cli.max_running == Some(0) {
+        return Err("--max-running must be at least 1".into());
+    }
+    if cli.prefix_cache_tokens > 0 && cli.prefix_cache_tokens < kvcache::BLOCK_TOKENS {
+        return Err(format!(
+            "--prefix-cache-tokens must be 0 (off) or at least one block ({} tokens)",
+            kvcache::BLOCK_TOKENS
+        )
+        .into());
     }
     if let Some(code) = cli.fail_status {
         if hyper::StatusCode::from_u16(code).is_err() {
@@ -168,16 +193,24 @@ async fn serve(cli: Cli) -> Result<(), BoxError> {
         hang: cli.hang,
         flat_errors: cli.flat_errors,
         start_unix: tokens::unix_now(),
+        prefill_per_token: Duration::from_micros(cli.prefill_us_per_token),
     };
-    let state = Arc::new(State::new(cfg, models, !cli.unhealthy, cli.seed));
+    let engine = Engine {
+        max_running: cli.max_running,
+        prefix_cache_tokens: cli.prefix_cache_tokens,
+    };
+    let state = Arc::new(State::new(cfg, models, !cli.unhealthy, cli.seed, engine));
     log::info!(
-        "mock-engine {name} listening on {addr} (models {:?}, {} threads)",
+        "mock-engine {name} listening on {addr} (models {:?}, {} threads, max running {}, prefix cache {} tokens)",
         state
             .models
             .iter()
             .map(|m| m.name.as_str())
             .collect::<Vec<_>>(),
-        cli.threads.max(1)
+        cli.threads.max(1),
+        cli.max_running
+            .map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+        state.cache().capacity_tokens(),
     );
 
     let shutdown = shutdown_signal();

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::body::{error_response, full, json_response, MockBody, TEXT_PLAIN};
 use crate::guard::InflightGuard;
-use crate::inference::{respond, Endpoint};
+use crate::inference::{respond, Endpoint, Timing};
 use crate::request::{read_body, route, Route};
 use crate::state::{LastRequest, State};
 use crate::validate;
@@ -24,6 +24,9 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Per-request override of `--token-interval-ms`, in microseconds (benchmarks
 /// run several token rates against one mock).
 static X_MOCK_TOKEN_INTERVAL_US: HeaderName = HeaderName::from_static("x-mock-token-interval-us");
+/// Per-request override of `--prefill-us-per-token`.
+static X_MOCK_PREFILL_US_PER_TOKEN: HeaderName =
+    HeaderName::from_static("x-mock-prefill-us-per-token");
 
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockBody> {
     if req.uri().path() == crate::ws::PATH {
@@ -288,14 +291,20 @@ async fn inference(
     if let Err(msg) = validate::check_values(ep, &req) {
         return reject_invalid(state, guard, &msg);
     }
-    let interval = parts
-        .headers
-        .get(&X_MOCK_TOKEN_INTERVAL_US)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(std::time::Duration::from_micros)
-        .unwrap_or(state.cfg.token_interval);
-    respond(ep, &req, idx, interval, guard).await
+    let micros = |name: &HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_micros)
+    };
+    let timing = Timing {
+        interval: micros(&X_MOCK_TOKEN_INTERVAL_US).unwrap_or(state.cfg.token_interval),
+        prefill_per_token: micros(&X_MOCK_PREFILL_US_PER_TOKEN)
+            .unwrap_or(state.cfg.prefill_per_token),
+    };
+    respond(ep, &req, idx, model_field, timing, guard).await
 }
 
 /// A request vLLM would refuse as malformed: 400 `BadRequestError`, counted

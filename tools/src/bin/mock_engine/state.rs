@@ -1,5 +1,6 @@
-//! Shared server state: configuration, counters, health flag, error injection
-//! and the record of the last inference request.
+//! Shared server state: configuration, counters, health flag, error injection,
+//! the scheduler, the prefix cache and the record of the last inference
+//! request.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -11,6 +12,17 @@ use hyper::{HeaderMap, Method};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
+
+use crate::kvcache::PrefixCache;
+use crate::sched::Scheduler;
+
+/// The engine model's sizes (scheduler and KV cache).
+pub struct Engine {
+    /// `--max-running`: `None` is unlimited.
+    pub max_running: Option<usize>,
+    /// `--prefix-cache-tokens`: 0 turns the cache off.
+    pub prefix_cache_tokens: u64,
+}
 
 /// Immutable configuration derived from the command line.
 pub struct Config {
@@ -24,14 +36,23 @@ pub struct Config {
     pub hang: bool,
     pub flat_errors: bool,
     pub start_unix: u64,
+    /// Prefill time per uncached prompt token (`--prefill-us-per-token`).
+    pub prefill_per_token: Duration,
 }
 
 /// Per-model counters (exported on /metrics with a `model_name` label).
 pub struct ModelStats {
     pub name: String,
+    /// Requests holding a running slot.
     pub running: AtomicI64,
+    /// Requests in the scheduler's queue.
+    pub waiting: AtomicI64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// Prompt tokens looked up in the prefix cache (when it is on).
+    pub cache_queries: AtomicU64,
+    /// Of those, the tokens found cached.
+    pub cache_hits: AtomicU64,
 }
 
 /// Global counters, exposed on /mock/stats.
@@ -54,6 +75,10 @@ pub struct Counters {
     pub rejected_invalid: AtomicU64,
     /// Inference requests refused with 404 for a model not served.
     pub rejected_model: AtomicU64,
+    /// Prompt tokens (the cache's count: words) of requests that ran.
+    pub prompt_tokens: AtomicU64,
+    /// Of those, the tokens of their cached prefixes.
+    pub cached_prompt_tokens: AtomicU64,
 }
 
 /// What /mock/last-request reports.
@@ -78,10 +103,16 @@ pub struct State {
     pub last_request: Mutex<Option<LastRequest>>,
     /// LoRA adapters loaded at runtime: adapter name → base model index.
     pub loras: Mutex<Vec<(String, usize)>>,
+    pub sched: Scheduler,
+    pub cache: Mutex<PrefixCache>,
+    /// Whether the prefix cache is on (fixed at start).
+    pub cache_on: bool,
 }
 
 impl State {
-    pub fn new(cfg: Config, models: Vec<String>, healthy: bool, seed: u64) -> Self {
+    pub fn new(cfg: Config, models: Vec<String>, healthy: bool, seed: u64, engine: Engine) -> Self {
+        let cache = PrefixCache::new(engine.prefix_cache_tokens);
+        let cache_on = cache.enabled();
         let errors = cfg
             .error_rate
             .map(|rate| Mutex::new(ErrorInjector::new(rate, seed)));
@@ -90,8 +121,11 @@ impl State {
             .map(|name| ModelStats {
                 name,
                 running: AtomicI64::new(0),
+                waiting: AtomicI64::new(0),
                 prompt_tokens: AtomicU64::new(0),
                 generation_tokens: AtomicU64::new(0),
+                cache_queries: AtomicU64::new(0),
+                cache_hits: AtomicU64::new(0),
             })
             .collect();
         State {
@@ -102,7 +136,34 @@ impl State {
             errors,
             last_request: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
+            sched: Scheduler::new(engine.max_running),
+            cache: Mutex::new(cache),
+            cache_on,
         }
+    }
+
+    /// A state with default settings and `engine`, for unit tests.
+    #[cfg(test)]
+    pub fn for_tests(models: &[&str], engine: Engine) -> Self {
+        let cfg = Config {
+            instance: HeaderValue::from_static("test"),
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            tokens: 8,
+            fail_status: None,
+            error_rate: None,
+            drop_after_chunks: None,
+            hang: false,
+            flat_errors: false,
+            start_unix: 0,
+            prefill_per_token: Duration::ZERO,
+        };
+        let models = models.iter().map(|m| (*m).to_owned()).collect();
+        State::new(cfg, models, true, 0, engine)
+    }
+
+    pub fn cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Index of a served model; `None` for an unknown name. A missing model
@@ -169,8 +230,17 @@ impl State {
 
     pub fn stats_json(&self) -> Value {
         let c = &self.counters;
+        let s = &self.sched;
         let opened = c.connections_opened.load(Ordering::Relaxed);
         let closed = c.connections_closed.load(Ordering::Relaxed);
+        let (cache_tokens, cache_capacity, cache_evictions) = {
+            let cache = self.cache();
+            (
+                cache.cached_tokens(),
+                cache.capacity_tokens(),
+                cache.evictions(),
+            )
+        };
         json!({
             "requests": c.requests.load(Ordering::Relaxed),
             "completed": c.completed.load(Ordering::Relaxed),
@@ -187,51 +257,107 @@ impl State {
             "ws_frames": c.ws_frames.load(Ordering::Relaxed),
             "rejected_invalid": c.rejected_invalid.load(Ordering::Relaxed),
             "rejected_model": c.rejected_model.load(Ordering::Relaxed),
+            "running": s.running.load(Ordering::Relaxed),
+            "max_active": s.max_running_seen.load(Ordering::Relaxed),
+            "queued": s.queued.load(Ordering::Relaxed),
+            "max_queued": s.max_queued.load(Ordering::Relaxed),
+            "started": s.started.load(Ordering::Relaxed),
+            "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
+            "cached_prompt_tokens": c.cached_prompt_tokens.load(Ordering::Relaxed),
+            "cache_tokens": cache_tokens,
+            "cache_capacity_tokens": cache_capacity,
+            "cache_evictions": cache_evictions,
         })
     }
 
+    /// Prometheus text exposition, as vLLM's prometheus_client writes it:
+    /// counters are declared under their base name and sampled as `_total`.
     pub fn metrics_text(&self) -> String {
-        let mut out = String::with_capacity(1024);
-        type Getter = fn(&ModelStats) -> i64;
-        let families: [(&str, &str, &str, Getter); 4] = [
+        let mut out = String::with_capacity(2048);
+        let usage = self.cache().usage();
+        // (name, type, help, value from the model's stats and the cache usage)
+        type Getter = fn(&ModelStats, f64) -> f64;
+        let families: [(&str, &str, &str, Getter); 7] = [
             (
                 "vllm:num_requests_running",
                 "gauge",
-                "Number of requests currently running.",
-                |m| m.running.load(Ordering::Relaxed),
+                "Number of requests in model execution batches.",
+                |m, _| m.running.load(Ordering::Relaxed) as f64,
             ),
             (
                 "vllm:num_requests_waiting",
                 "gauge",
                 "Number of requests waiting to be processed.",
-                |_| 0,
+                |m, _| m.waiting.load(Ordering::Relaxed) as f64,
             ),
             (
-                "vllm:prompt_tokens_total",
+                "vllm:kv_cache_usage_perc",
+                "gauge",
+                "KV-cache usage. 1 means 100 percent usage.",
+                // engine-wide, repeated under each served model's label
+                |_, usage| usage,
+            ),
+            (
+                "vllm:prefix_cache_queries",
+                "counter",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                |m, _| m.cache_queries.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "counter",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                |m, _| m.cache_hits.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "vllm:prompt_tokens",
                 "counter",
                 "Number of prefill tokens processed.",
-                |m| m.prompt_tokens.load(Ordering::Relaxed) as i64,
+                |m, _| m.prompt_tokens.load(Ordering::Relaxed) as f64,
             ),
             (
-                "vllm:generation_tokens_total",
+                "vllm:generation_tokens",
                 "counter",
                 "Number of generation tokens processed.",
-                |m| m.generation_tokens.load(Ordering::Relaxed) as i64,
+                |m, _| m.generation_tokens.load(Ordering::Relaxed) as f64,
             ),
         ];
         for (name, kind, help, get) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let suffix = if kind == "counter" { "_total" } else { "" };
             for m in &self.models {
-                let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", m.name, get(m));
+                let v = get(m, usage);
+                let _ = writeln!(
+                    out,
+                    "{name}{suffix}{{model_name=\"{}\"}} {}",
+                    escape_label(&m.name),
+                    prom_value(v)
+                );
             }
         }
         let _ = writeln!(
             out,
-            "# HELP mock_requests_total Inference requests received by the mock engine.\n\
-             # TYPE mock_requests_total counter\nmock_requests_total {}",
+            "# HELP mock_requests Inference requests received by the mock engine.\n\
+             # TYPE mock_requests counter\nmock_requests_total {}",
             self.counters.requests.load(Ordering::Relaxed)
         );
         out
+    }
+}
+
+/// A label value escaped as the exposition format requires.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A sample value as prometheus_client prints floats (`3.0`, `0.25`).
+fn prom_value(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
     }
 }
 
@@ -272,6 +398,42 @@ mod tests {
         let mut c = ErrorInjector::new(0.3, 43);
         let sc: Vec<bool> = (0..1000).map(|_| c.should_fail()).collect();
         assert_ne!(sa, sc);
+    }
+
+    #[test]
+    fn metrics_are_written_as_prometheus_client_does() {
+        let st = State::for_tests(
+            &["a", "b\"q"],
+            Engine {
+                max_running: Some(1),
+                prefix_cache_tokens: 64,
+            },
+        );
+        st.models[0].cache_queries.fetch_add(40, Ordering::Relaxed);
+        st.models[0].cache_hits.fetch_add(32, Ordering::Relaxed);
+        st.cache().insert(&[1, 2]);
+        let text = st.metrics_text();
+        for want in [
+            "# TYPE vllm:prefix_cache_queries counter\n",
+            "vllm:prefix_cache_queries_total{model_name=\"a\"} 40.0\n",
+            "vllm:prefix_cache_hits_total{model_name=\"a\"} 32.0\n",
+            "vllm:prefix_cache_hits_total{model_name=\"b\\\"q\"} 0.0\n",
+            "vllm:kv_cache_usage_perc{model_name=\"a\"} 0.5\n",
+            "vllm:kv_cache_usage_perc{model_name=\"b\\\"q\"} 0.5\n",
+            "# TYPE vllm:num_requests_waiting gauge\n",
+            "vllm:num_requests_waiting{model_name=\"a\"} 0.0\n",
+            "vllm:num_requests_running{model_name=\"a\"} 0.0\n",
+            "# TYPE vllm:prompt_tokens counter\nvllm:prompt_tokens_total{",
+            "mock_requests_total 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+        assert_eq!(prom_value(3.0), "3.0");
+        assert_eq!(prom_value(0.0703125), "0.0703125");
+        let stats = st.stats_json();
+        assert_eq!(stats["cache_tokens"], 32);
+        assert_eq!(stats["cache_capacity_tokens"], 64);
+        assert_eq!(stats["max_active"], 0);
     }
 
     #[test]
