@@ -51,13 +51,7 @@ pub async fn login(
         return Err(not_configured("Login"));
     };
     auth.check_login_rate(ip).map_err(GatewayError::rejected)?;
-    let body = read_body::read_full_body(
-        session,
-        LOGIN_BODY_LIMIT,
-        None,
-        app.config.server.client_body_timeout,
-    )
-    .await?;
+    let body = read_small_body(app, session).await?;
     ctx.request_bytes = body.len();
     // serde's messages can quote the input: never let a password reach one
     let credentials: Credentials =
@@ -249,13 +243,7 @@ pub async fn load_lora(
     let Some(engine) = app.engines.find(base) else {
         return Err(unknown_engine(base));
     };
-    let body = read_body::read_full_body(
-        session,
-        LOGIN_BODY_LIMIT,
-        None,
-        app.config.server.client_body_timeout,
-    )
-    .await?;
+    let body = read_small_body(app, session).await?;
     let request: LoraRequest =
         serde_json::from_slice(&body).map_err(|e| GatewayError::InvalidJson {
             detail: format!(r#"send {{"lora_name": "...", "lora_path": "..."}} ({e})"#),
@@ -303,4 +291,20 @@ pub fn usage_body(app: &AppState) -> Vec<u8> {
     json!({"object": "list", "principals": principals, "data": data})
         .to_string()
         .into_bytes()
+}
+
+/// A small admin body (login, LoRA requests): at most `LOGIN_BODY_LIMIT`
+/// bytes within `server.client_body_timeout`, outside the body budget (it
+/// is bounded by its own small limit).
+async fn read_small_body(
+    app: &AppState,
+    session: &mut Session,
+) -> Result<bytes::Bytes, GatewayError> {
+    read_body::read_full_body(
+        session,
+        LOGIN_BODY_LIMIT,
+        None,
+        app.config.server.client_body_timeout,
+    )
+    .await
 }
