@@ -17,6 +17,7 @@ setup:
 setup-test: setup
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v patch >/dev/null || missing="$$missing patch"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
