@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke bench fmt clean \
+.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
 	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
@@ -80,6 +80,13 @@ soak: build
 ## soak-smoke: the CI variant of the soak, 60 s of faults (~1.5 min in all)
 soak-smoke: build
 	timeout 600 load-tests/soak.py --duration 60
+
+## fuzz: NOT in CI (the instrumented build takes 6.5-11 min on 2 cores; the whole `scripts/fuzz.sh 10`
+## ~8 min, 9 with the cargo-fuzz install): every fuzz target for FUZZ_SECONDS (60) each, fails on a
+## crash (fuzz/README.md). Stable toolchain; installs cargo-fuzz if missing; keeps fuzz/target.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 ## bench: the whole performance ladder, scenarios (a)-(f), ~30 min; writes
 ## load-tests/results/ladder-<UTC>.json and .md (load-tests/README.md)
