@@ -257,11 +257,7 @@ impl pingora_core::server::ShutdownSignalWatch for Signals {
                 self.live
                     .closing
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                let grace = app.config.server.grace_period;
-                let margin = Duration::from_secs(1).min(grace / 2);
-                app.draining.send_replace(Some(
-                    tokio::time::Instant::now() + delay + grace.saturating_sub(margin),
-                ));
+                app.start_draining(delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => ShutdownSignal::GracefulTerminate,
                     _ = int.recv() => ShutdownSignal::FastShutdown,

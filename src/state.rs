@@ -52,6 +52,19 @@ pub struct AppState {
     pub draining: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
 }
 
+impl AppState {
+    /// Readiness turns 503 now; open responses must end `after` plus the
+    /// grace period from now, less a margin to write their error before
+    /// Pingora stops the runtime.
+    pub fn start_draining(&self, after: std::time::Duration) {
+        let grace = self.config.server.grace_period;
+        let margin = std::time::Duration::from_secs(1).min(grace / 2);
+        self.draining.send_replace(Some(
+            tokio::time::Instant::now() + after + grace.saturating_sub(margin),
+        ));
+    }
+}
+
 /// Every name a client may use for a model in this config.
 fn model_names(config: &Config) -> Vec<String> {
     config

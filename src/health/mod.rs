@@ -82,12 +82,7 @@ impl BackgroundService for Supervisor {
             "graceful shutdown: draining; open requests have until the end of the {} s grace period",
             app.config.server.grace_period.as_secs()
         );
-        let grace = app.config.server.grace_period;
-        // leave time to write the error before Pingora stops the runtime
-        let margin = std::time::Duration::from_secs(1).min(grace / 2);
-        app.draining.send_replace(Some(
-            tokio::time::Instant::now() + grace.saturating_sub(margin),
-        ));
+        app.start_draining(std::time::Duration::ZERO);
         discovery.abort();
         for (_, task) in checks {
             task.abort();
