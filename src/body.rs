@@ -30,6 +30,12 @@ struct Peek<'a> {
     /// include_usage edit would then add a second `stream_options` key.
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
 }
 
 /// A field that is in the body, whatever its value (`null` included).
@@ -50,6 +56,11 @@ pub struct BodyInfo {
     pub include_usage: bool,
     /// Byte range of the `stream_options` value, when present.
     pub stream_options_span: Option<Range<usize>>,
+    /// Byte range of what the engine renders the prompt from: the
+    /// `messages` array (chat) or the `prompt` (completions), as sent.
+    pub prompt_span: Option<Range<usize>>,
+    /// Byte range of `tools` (part of a chat prompt's start).
+    pub tools_span: Option<Range<usize>>,
 }
 
 /// Parse `body` as a JSON object and read the fields the gateway needs.
@@ -96,6 +107,8 @@ pub fn inspect(body: &[u8]) -> Result<BodyInfo, GatewayError> {
         stream: peek.stream.is_some_and(|r| r.get() == "true"),
         include_usage,
         stream_options_span: peek.stream_options.map(span_of),
+        prompt_span: peek.messages.or(peek.prompt).map(span_of),
+        tools_span: peek.tools.map(span_of),
     })
 }
 

@@ -266,10 +266,34 @@ fn backend_entries(app: &AppState) -> Vec<Value> {
                 "error_count": state.errors.load(ordering),
                 "response_time": state.response_time_us.load(ordering) as f64 / 1e6,
                 "inflight": state.inflight.load(ordering),
+                "engine": engine_entry(pool, state),
             }));
         }
     }
     out
+}
+
+/// What a backend's engine reports (`engine_metrics`), and the load score
+/// the engine-aware policies compare; `null` for pools that don't scrape.
+fn engine_entry(pool: &crate::routing::Pool, state: &crate::routing::BackendState) -> Value {
+    if !pool.config.engine_metrics.enabled {
+        return Value::Null;
+    }
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    let scraped = state.engine.latest();
+    let signals = scraped.as_ref().map(|s| &s.signals);
+    json!({
+        "family": signals.map(|s| s.family),
+        "running": signals.and_then(|s| s.running),
+        "waiting": signals.and_then(|s| s.waiting),
+        "kv_cache_usage": signals.and_then(|s| s.kv_usage),
+        "prefix_cache_hit_rate": scraped.as_ref().and_then(|s| s.hit_rate),
+        "age_seconds": scraped.as_ref().map(|s| s.at.elapsed().as_secs_f64()),
+        "scrapes_ok": state.engine.scrapes_ok.load(ordering),
+        "scrapes_failed": state.engine.scrapes_failed.load(ordering),
+        "last_error": state.engine.last_error(),
+        "load": pool.load(state),
+    })
 }
 
 /// `GET /services`: every configured backend (InfiniLM router shape, plus `pool`, `weight`, `inflight`).

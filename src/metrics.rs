@@ -26,6 +26,10 @@ const REQUEST_BUCKETS: &[f64] = &[
     120.0, 300.0,
 ];
 /// Time to first token: 1 ms to 2 minutes.
+/// Matched prompt bytes: none, part of a block, up to a long agent history.
+const PREFIX_BUCKETS: &[f64] = &[
+    0.0, 128.0, 512.0, 2048.0, 8192.0, 32768.0, 131072.0, 524288.0,
+];
 const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
@@ -71,6 +75,19 @@ pub struct Metrics {
     backend_in_flight: IntGaugeVec,
     backend_healthy: IntGaugeVec,
     backend_response_time: GaugeVec,
+    engine_running: GaugeVec,
+    engine_waiting: GaugeVec,
+    engine_kv_usage: GaugeVec,
+    engine_hit_rate: GaugeVec,
+    engine_load: GaugeVec,
+    engine_scrape_age: GaugeVec,
+    engine_scrapes: IntCounterVec,
+    routing_decisions: IntCounterVec,
+    prefix_match_bytes: HistogramVec,
+    prefix_index_bytes: IntGaugeVec,
+    prefix_index_budget: IntGaugeVec,
+    prefix_index_entries: IntGaugeVec,
+    prefix_index_evictions: IntCounterVec,
     /// Model names that may appear as label values: every name any config
     /// (start or reload) declared; only grows, so series never go stale.
     models: arc_swap::ArcSwap<HashSet<String>>,
@@ -84,6 +101,8 @@ pub struct Metrics {
 struct Exported {
     backends: HashSet<(String, String)>,
     loaded: HashSet<String>,
+    /// Pools with a prefix index.
+    indexed: HashSet<String>,
 }
 
 /// Methods that get their own label value; anything else is `other`.
@@ -218,6 +237,45 @@ impl Metrics {
             backend_response_time: register!(registry, GaugeVec::new(
                 Opts::new("infergate_backend_response_time_seconds", "Moving average (weight 1/10) of request durations on a backend."),
                 &["pool", "backend"])),
+            engine_running: register!(registry, GaugeVec::new(
+                Opts::new("infergate_engine_requests_running", "Requests the backend's engine reports running (last scrape of its /metrics; pools with engine_metrics)."),
+                &["pool", "backend"])),
+            engine_waiting: register!(registry, GaugeVec::new(
+                Opts::new("infergate_engine_requests_waiting", "Requests waiting in the backend's engine's own queue (last scrape)."),
+                &["pool", "backend"])),
+            engine_kv_usage: register!(registry, GaugeVec::new(
+                Opts::new("infergate_engine_kv_cache_usage_ratio", "KV-cache use the backend's engine reports, 0 to 1 (last scrape)."),
+                &["pool", "backend"])),
+            engine_hit_rate: register!(registry, GaugeVec::new(
+                Opts::new("infergate_engine_prefix_cache_hit_ratio", "Prefix-cache hit rate the backend's engine reports, 0 to 1 (its gauge, or hits/queries between the last two scrapes)."),
+                &["pool", "backend"])),
+            engine_load: register!(registry, GaugeVec::new(
+                Opts::new("infergate_backend_load", "The expected-wait score load_aware and prefix_aware compare (requests per unit of weight; docs/routing.md)."),
+                &["pool", "backend"])),
+            engine_scrape_age: register!(registry, GaugeVec::new(
+                Opts::new("infergate_engine_metrics_age_seconds", "Age of the last successful scrape of the backend's engine metrics."),
+                &["pool", "backend"])),
+            engine_scrapes: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_engine_metrics_scrapes_total", "Scrapes of backends' engine metrics, by result (ok, error)."),
+                &["pool", "backend", "result"])),
+            routing_decisions: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_routing_decisions_total", "prefix_aware choices: prefix_hit, session, load_fallback (a known backend was too busy), no_match."),
+                &["pool", "decision"])),
+            prefix_match_bytes: register!(registry, HistogramVec::new(
+                hist("infergate_routing_prefix_match_bytes", "Prompt bytes the chosen backend was believed to hold already (prefix_aware; 0 when none).", PREFIX_BUCKETS),
+                &["pool"])),
+            prefix_index_bytes: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_prefix_index_bytes", "Memory of the pool's prefix index (upper bound: entries × bytes per entry)."),
+                &["pool"])),
+            prefix_index_budget: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_prefix_index_budget_bytes", "The prefix index's memory budget (prefix_aware.index_bytes)."),
+                &["pool"])),
+            prefix_index_entries: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_prefix_index_entries", "Block and session entries in the pool's prefix index."),
+                &["pool"])),
+            prefix_index_evictions: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_prefix_index_evictions_total", "Entries the prefix index dropped to stay within its budget."),
+                &["pool"])),
             registry,
             models: arc_swap::ArcSwap::from_pointee(models),
             exported: std::sync::Mutex::default(),
@@ -231,6 +289,16 @@ impl Metrics {
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Ok(metrics)
+    }
+
+    /// One `prefix_aware` routing choice.
+    pub fn record_routing(&self, pool: &str, decision: crate::routing::Decision, matched: usize) {
+        self.routing_decisions
+            .with_label_values(&[pool, decision.as_str()])
+            .inc();
+        self.prefix_match_bytes
+            .with_label_values(&[pool])
+            .observe(matched as f64);
     }
 
     /// One reload of `kind` (`config`, `keys`) and whether it worked.
@@ -317,6 +385,7 @@ impl Metrics {
         }
         let mut backends = HashSet::new();
         let mut loaded = HashSet::new();
+        let mut indexed = HashSet::new();
         for pool in app.router.pools() {
             for state in pool.backend_states() {
                 let backend = state.address.to_string();
@@ -341,6 +410,22 @@ impl Metrics {
                 self.backend_response_time
                     .with_label_values(&labels)
                     .set(state.response_time_us.load(Ordering::Relaxed) as f64 / 1e6);
+                if pool.config.engine_metrics.enabled {
+                    self.refresh_engine(pool, state, &labels);
+                }
+            }
+            if let Some(index) = pool.prefix_index() {
+                indexed.insert(pool.name().to_string());
+                let (entries, bytes, evictions) = index.usage();
+                let name = [pool.name()];
+                let gauge = |g: &IntGaugeVec, v: u64| {
+                    g.with_label_values(&name)
+                        .set(i64::try_from(v).unwrap_or(i64::MAX))
+                };
+                gauge(&self.prefix_index_entries, entries);
+                gauge(&self.prefix_index_bytes, bytes);
+                gauge(&self.prefix_index_budget, index.budget_bytes());
+                set_counter(&self.prefix_index_evictions, &name, evictions);
             }
             let any_serving = i64::from(pool.serving_backends().next().is_some());
             for model in pool.config.models.iter().chain(pool.config.aliases.keys()) {
@@ -357,12 +442,70 @@ impl Metrics {
                 loaded.insert(id.clone());
             }
         }
-        self.drop_removed(backends, loaded);
+        self.drop_removed(backends, loaded, indexed);
+    }
+
+    fn refresh_engine(
+        &self,
+        pool: &crate::routing::Pool,
+        state: &crate::routing::BackendState,
+        labels: &[&str; 2],
+    ) {
+        let [pool_name, backend] = *labels;
+        set_counter(
+            &self.engine_scrapes,
+            &[pool_name, backend, "ok"],
+            state.engine.scrapes_ok.load(Ordering::Relaxed),
+        );
+        set_counter(
+            &self.engine_scrapes,
+            &[pool_name, backend, "error"],
+            state.engine.scrapes_failed.load(Ordering::Relaxed),
+        );
+        self.engine_load
+            .with_label_values(labels)
+            .set(pool.load(state));
+        let scraped = state.engine.latest();
+        let gauges = [
+            (
+                &self.engine_running,
+                scraped.as_ref().and_then(|s| s.signals.running),
+            ),
+            (
+                &self.engine_waiting,
+                scraped.as_ref().and_then(|s| s.signals.waiting),
+            ),
+            (
+                &self.engine_kv_usage,
+                scraped.as_ref().and_then(|s| s.signals.kv_usage),
+            ),
+            (
+                &self.engine_hit_rate,
+                scraped.as_ref().and_then(|s| s.hit_rate),
+            ),
+            (
+                &self.engine_scrape_age,
+                scraped.as_ref().map(|s| s.at.elapsed().as_secs_f64()),
+            ),
+        ];
+        for (gauge, value) in gauges {
+            match value {
+                Some(v) => gauge.with_label_values(labels).set(v),
+                None => {
+                    let _ = gauge.remove_label_values(labels);
+                }
+            }
+        }
     }
 
     /// Remove the series of backends and models the config no longer has
     /// (a reload took them out); keep what was written this time.
-    fn drop_removed(&self, backends: HashSet<(String, String)>, loaded: HashSet<String>) {
+    fn drop_removed(
+        &self,
+        backends: HashSet<(String, String)>,
+        loaded: HashSet<String>,
+        indexed: HashSet<String>,
+    ) {
         let mut exported = self
             .exported
             .lock()
@@ -374,11 +517,43 @@ impl Metrics {
             let _ = self.backend_in_flight.remove_label_values(&labels);
             let _ = self.backend_healthy.remove_label_values(&labels);
             let _ = self.backend_response_time.remove_label_values(&labels);
+            for gauge in [
+                &self.engine_running,
+                &self.engine_waiting,
+                &self.engine_kv_usage,
+                &self.engine_hit_rate,
+                &self.engine_load,
+                &self.engine_scrape_age,
+            ] {
+                let _ = gauge.remove_label_values(&labels);
+            }
+            for result in ["ok", "error"] {
+                let _ = self.engine_scrapes.remove_label_values(&[
+                    pool.as_str(),
+                    backend.as_str(),
+                    result,
+                ]);
+            }
         }
         for model in exported.loaded.difference(&loaded) {
             let _ = self.model_loaded.remove_label_values(&[model.as_str()]);
         }
-        *exported = Exported { backends, loaded };
+        for pool in exported.indexed.difference(&indexed) {
+            let _ = self
+                .prefix_index_entries
+                .remove_label_values(&[pool.as_str()]);
+            let _ = self
+                .prefix_index_bytes
+                .remove_label_values(&[pool.as_str()]);
+            let _ = self
+                .prefix_index_budget
+                .remove_label_values(&[pool.as_str()]);
+        }
+        *exported = Exported {
+            backends,
+            loaded,
+            indexed,
+        };
     }
 }
 

@@ -118,6 +118,12 @@ pub enum Balance {
     RoundRobin,
     LeastInflight,
     ConsistentHash,
+    /// The backend with the lowest expected wait, from its engine's own
+    /// queue, running requests and KV-cache use (docs/routing.md).
+    LoadAware,
+    /// The backend holding the longest prefix of the prompt in its KV cache
+    /// (as far as the gateway's index knows), unless it is much busier.
+    PrefixAware,
 }
 
 impl Balance {
@@ -126,9 +132,53 @@ impl Balance {
             Balance::RoundRobin => "round_robin",
             Balance::LeastInflight => "least_inflight",
             Balance::ConsistentHash => "consistent_hash",
+            Balance::LoadAware => "load_aware",
+            Balance::PrefixAware => "prefix_aware",
         }
     }
+
+    /// Whether the policy reads engine load signals (and so turns
+    /// `engine_metrics` on unless the pool says otherwise).
+    pub fn wants_engine_metrics(self) -> bool {
+        matches!(self, Balance::LoadAware | Balance::PrefixAware)
+    }
 }
+
+/// Scraping each backend's Prometheus `/metrics` for its own load signals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMetricsConfig {
+    pub enabled: bool,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Where a prefix-aware pool takes its session key from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKey {
+    /// The pool's `hash_header`, when the request has it.
+    Header,
+    /// The authenticated principal (the key's user).
+    User,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixAwareConfig {
+    /// Memory budget of the pool's prefix index (LRU beyond).
+    pub index_bytes: u64,
+    /// Bytes of prompt per hashed block.
+    pub block_bytes: usize,
+    /// The prefix's backend is skipped when its load exceeds the least
+    /// loaded backend's by more than this (requests).
+    pub load_threshold: f64,
+    pub session: SessionKey,
+    /// Sessions remembered (LRU beyond).
+    pub max_sessions: usize,
+}
+
+// `f64` in PrefixAwareConfig: configs compare for reload; NaN is refused by validation.
+impl Eq for PrefixAwareConfig {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -160,6 +210,8 @@ pub struct PoolConfig {
     /// Ask streaming engines for usage (`stream_options.include_usage`) when
     /// the client did not, and hide that extra chunk from the client.
     pub inject_stream_usage: bool,
+    pub engine_metrics: EngineMetricsConfig,
+    pub prefix_aware: PrefixAwareConfig,
 }
 
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 * 1024 * 1024;

@@ -93,6 +93,27 @@ pub struct RawPool {
     pub discover_models: Option<bool>,
     pub owned_by: Option<String>,
     pub inject_stream_usage: Option<bool>,
+    pub engine_metrics: Option<RawEngineMetrics>,
+    pub prefix_aware: Option<RawPrefixAware>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngineMetrics {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrefixAware {
+    pub index_bytes: Option<u64>,
+    pub block_bytes: Option<usize>,
+    pub load_threshold: Option<f64>,
+    pub session: Option<String>,
+    pub max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

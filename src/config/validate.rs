@@ -2,12 +2,13 @@
 
 use super::duration::parse_duration;
 use super::raw::{
-    RawAccessLog, RawBackend, RawHealthCheck, RawPool, RawRouting, RawServer, RawTimeouts,
-    RawUpstream,
+    RawAccessLog, RawBackend, RawEngineMetrics, RawHealthCheck, RawPool, RawPrefixAware,
+    RawRouting, RawServer, RawTimeouts, RawUpstream,
 };
 use super::{
-    BackendConfig, Balance, Config, ConfigError, HealthCheckConfig, PoolConfig, RoutingConfig,
-    ServerConfig, Timeouts, UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
+    BackendConfig, Balance, Config, ConfigError, EngineMetricsConfig, HealthCheckConfig,
+    PoolConfig, PrefixAwareConfig, RoutingConfig, ServerConfig, SessionKey, Timeouts,
+    UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
 };
 use crate::access_log::{AccessLogConfig, FileOutput, Format, Output, DEFAULT_MAX_AGE};
 use infergate_filters::FilterConfig;
@@ -364,10 +365,12 @@ fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
         None | Some("round_robin") => Balance::RoundRobin,
         Some("least_inflight") => Balance::LeastInflight,
         Some("consistent_hash") => Balance::ConsistentHash,
+        Some("load_aware") => Balance::LoadAware,
+        Some("prefix_aware") => Balance::PrefixAware,
         Some(other) => {
             errs.push(
                 format!("{at}.balance"),
-                format!("`{other}` is not one of: round_robin, least_inflight, consistent_hash"),
+                format!("`{other}` is not one of: round_robin, least_inflight, consistent_hash, load_aware, prefix_aware"),
             );
             Balance::RoundRobin
         }
@@ -379,7 +382,27 @@ fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
     if http::HeaderName::from_bytes(hash_header.as_bytes()).is_err() {
         errs.push(format!("{at}.hash_header"), "is not a valid header name");
     }
+    if raw.prefix_aware.is_some() && balance != Balance::PrefixAware {
+        errs.push(
+            format!("{at}.prefix_aware"),
+            "is only read with `balance: prefix_aware`",
+        );
+    }
+    let engine_metrics =
+        validate_engine_metrics(&at, balance, raw.engine_metrics.unwrap_or_default(), errs);
+    let prefix_aware = validate_prefix_aware(&at, raw.prefix_aware.unwrap_or_default(), errs);
+    if balance == Balance::PrefixAware && backends.len() > crate::routing::PREFIX_MAX_BACKENDS {
+        errs.push(
+            format!("{at}.backends"),
+            format!(
+                "`balance: prefix_aware` supports at most {} backends per pool",
+                crate::routing::PREFIX_MAX_BACKENDS
+            ),
+        );
+    }
     PoolConfig {
+        engine_metrics,
+        prefix_aware,
         health_check: validate_health(&at, raw.health_check.unwrap_or_default(), errs),
         name: raw.name,
         models: raw.models,
@@ -449,6 +472,93 @@ fn validate_health(at: &str, raw: RawHealthCheck, errs: &mut Errors) -> HealthCh
         timeout: errs.duration(&format!("{at}.timeout"), raw.timeout.as_ref(), secs(1)),
         unhealthy_after: unhealthy_after.max(1),
         healthy_after: healthy_after.max(1),
+    }
+}
+
+fn validate_engine_metrics(
+    at: &str,
+    balance: Balance,
+    raw: RawEngineMetrics,
+    errs: &mut Errors,
+) -> EngineMetricsConfig {
+    let at = format!("{at}.engine_metrics");
+    let path = raw.path.unwrap_or_else(|| "/metrics".to_string());
+    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+        errs.push(
+            format!("{at}.path"),
+            "must be a URL path starting with `/` (spaces and non-ASCII %-encoded)",
+        );
+    }
+    let interval = errs.duration(
+        &format!("{at}.interval"),
+        raw.interval.as_ref(),
+        Duration::from_millis(250),
+    );
+    if interval < Duration::from_millis(10) {
+        errs.push(format!("{at}.interval"), "must be at least 10ms");
+    }
+    let timeout = errs.duration(
+        &format!("{at}.timeout"),
+        raw.timeout.as_ref(),
+        interval.clamp(Duration::from_millis(10), secs(1)),
+    );
+    if timeout.is_zero() {
+        errs.push(format!("{at}.timeout"), "must be more than 0");
+    }
+    EngineMetricsConfig {
+        enabled: raw.enabled.unwrap_or(balance.wants_engine_metrics()),
+        path,
+        interval: interval.max(Duration::from_millis(10)),
+        timeout: timeout.max(Duration::from_millis(1)),
+    }
+}
+
+fn validate_prefix_aware(at: &str, raw: RawPrefixAware, errs: &mut Errors) -> PrefixAwareConfig {
+    let at = format!("{at}.prefix_aware");
+    let index_bytes = raw.index_bytes.unwrap_or(64 * 1024 * 1024);
+    if index_bytes < 64 * 1024 {
+        errs.push(
+            format!("{at}.index_bytes"),
+            "must be at least 65536 (64 KiB)",
+        );
+    }
+    let block_bytes = raw.block_bytes.unwrap_or(128);
+    if !(16..=65536).contains(&block_bytes) {
+        errs.push(format!("{at}.block_bytes"), "must be between 16 and 65536");
+    }
+    let load_threshold = raw.load_threshold.unwrap_or(4.0);
+    if !load_threshold.is_finite() || load_threshold < 0.0 {
+        errs.push(
+            format!("{at}.load_threshold"),
+            "must be a number ≥ 0 (requests)",
+        );
+    }
+    let session = match raw.session.as_deref() {
+        None | Some("header") => SessionKey::Header,
+        Some("user") => SessionKey::User,
+        Some("none") => SessionKey::None,
+        Some(other) => {
+            errs.push(
+                format!("{at}.session"),
+                format!("`{other}` is not one of: header, user, none"),
+            );
+            SessionKey::Header
+        }
+    };
+    let max_sessions = raw.max_sessions.unwrap_or(100_000);
+    if max_sessions == 0 {
+        errs.push(format!("{at}.max_sessions"), "must be at least 1");
+    }
+    PrefixAwareConfig {
+        index_bytes: index_bytes.max(64 * 1024),
+        block_bytes: block_bytes.clamp(16, 65536),
+        load_threshold: if load_threshold.is_finite() {
+            load_threshold.max(0.0)
+        } else {
+            4.0
+        },
+        session,
+        max_sessions: max_sessions.max(1),
     }
 }
 

@@ -1,12 +1,9 @@
 //! Model discovery: ask each healthy backend which models it serves.
 
 use crate::state::AppState;
-use pingora_core::upstreams::peer::HttpPeer;
-use pingora_http::RequestHeader;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::time::timeout;
 
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 
@@ -48,38 +45,15 @@ async fn fetch_models(
     address: SocketAddr,
     limit: Duration,
 ) -> Result<Vec<String>, String> {
-    let work = async {
-        let peer = HttpPeer::new(address, false, String::new());
-        let (mut session, _) = app
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut req =
-            RequestHeader::build("GET", b"/v1/models", None).map_err(|e| e.to_string())?;
-        req.insert_header("host", address.to_string())
-            .map_err(|e| e.to_string())?;
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(|e| e.to_string())?;
-        session.finish_body().await.map_err(|e| e.to_string())?;
-        session.read_response().await.map_err(|e| e.to_string())?;
-        if session.get_status().map(|s| s.as_u16()) != Some(200) {
-            return Err(format!("status {:?}", session.get_status()));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = session.read_body_bytes().await.map_err(|e| e.to_string())? {
-            if body.len() + chunk.len() > MAX_MODELS_BODY {
-                return Err("models list too large".to_string());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(parse_model_ids(&body))
-    };
-    timeout(limit, work)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    let body = super::fetch::get(
+        &app.connector,
+        address,
+        "/v1/models",
+        limit,
+        MAX_MODELS_BODY,
+    )
+    .await?;
+    Ok(parse_model_ids(&body))
 }
 
 /// `data[].id` of an OpenAI model list (llama.cpp also sends an Ollama-style `models`).

@@ -1,10 +1,13 @@
 //! Background supervision of the pools: active health checks on each pool's
-//! interval, and model discovery from healthy backends' `/v1/models`.
+//! interval, engine load signals from backends' `/metrics` (pools with
+//! `engine_metrics`), and model discovery from healthy backends' `/v1/models`.
 //!
 //! Runs as one Pingora background service; never on the request path (a
 //! request reads the results, it never waits for a check or a fetch).
 
 mod discovery;
+mod fetch;
+mod scrape;
 
 use crate::routing::Pool;
 use crate::state::Live;
@@ -18,16 +21,19 @@ pub struct Supervisor {
     pub live: Arc<Live>,
 }
 
-/// One health-check task per pool of the current generation; after a reload,
-/// pools that were kept keep their task, new pools get one (the reload
-/// already ran their first check), dropped pools' tasks stop.
-fn reconcile_checks(live: &Live, tasks: &mut Vec<(Arc<Pool>, JoinHandle<()>)>) {
+type PoolTasks = Vec<(Arc<Pool>, Vec<JoinHandle<()>>)>;
+
+/// One health-check task (and one scrape task with `engine_metrics`) per
+/// pool of the current generation; after a reload, pools that were kept
+/// keep their tasks, new pools get theirs (the reload already ran their
+/// first check), dropped pools' tasks stop.
+fn reconcile_checks(live: &Live, tasks: &mut PoolTasks) {
     let app = live.current();
     let pools = app.router.pools();
-    tasks.retain(|(pool, task)| {
+    tasks.retain(|(pool, handles)| {
         let kept = pools.iter().any(|p| Arc::ptr_eq(p, pool));
         if !kept {
-            task.abort();
+            handles.iter().for_each(JoinHandle::abort);
         }
         kept
     });
@@ -36,15 +42,27 @@ fn reconcile_checks(live: &Live, tasks: &mut Vec<(Arc<Pool>, JoinHandle<()>)>) {
             continue;
         }
         let checked = pool.clone();
-        let task = tokio::spawn(async move {
+        let mut handles = vec![tokio::spawn(async move {
             let mut tick = tokio::time::interval(checked.config.health_check.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 checked.check_health().await;
             }
-        });
-        tasks.push((pool.clone(), task));
+        })];
+        if pool.config.engine_metrics.enabled {
+            let scraped = pool.clone();
+            let connector = app.connector.clone();
+            handles.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(scraped.config.engine_metrics.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    scrape::scrape_pool(&scraped, &connector).await;
+                }
+            }));
+        }
+        tasks.push((pool.clone(), handles));
     }
 }
 
@@ -84,8 +102,8 @@ impl BackgroundService for Supervisor {
         );
         app.start_draining(std::time::Duration::ZERO);
         discovery.abort();
-        for (_, task) in checks {
-            task.abort();
+        for (_, handles) in checks {
+            handles.iter().for_each(JoinHandle::abort);
         }
     }
 }

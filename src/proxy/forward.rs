@@ -12,7 +12,7 @@
 use super::ctx::RequestCtx;
 use super::upstream_error;
 use crate::errors::{GatewayError, TimeoutPhase};
-use crate::routing::Pool;
+use crate::routing::{Hints, Pool, PromptKey};
 use crate::state::AppState;
 use crate::usage::UsageTap;
 use bytes::Bytes;
@@ -57,6 +57,7 @@ pub async fn forward(
     ctx: &mut RequestCtx,
     pool: &Pool,
     body: Bytes,
+    prompt: Option<PromptKey>,
 ) -> Result<(), GatewayError> {
     let request = upstream_request(session.req_header(), body.len())?;
     let hash_key = session
@@ -64,8 +65,11 @@ pub async fn forward(
         .headers
         .get(pool.config.hash_header.as_str())
         .map(|v| v.as_bytes().to_vec());
-    let (mut upstream, peer) =
-        send_request(app, ctx, pool, &request, &body, hash_key.as_deref()).await?;
+    let hints = Hints {
+        hash_key: hash_key.as_deref(),
+        prompt: prompt.as_ref(),
+    };
+    let (mut upstream, peer) = send_request(app, ctx, pool, &request, &body, &hints).await?;
     relay_response(app, session, ctx, &mut upstream).await?;
     if ctx.client_gone {
         return Ok(()); // dropping `upstream` closes the engine connection
@@ -171,15 +175,20 @@ async fn send_request(
     pool: &Pool,
     request: &RequestHeader,
     body: &Bytes,
-    hash_key: Option<&[u8]>,
+    hints: &Hints<'_>,
 ) -> Result<(UpstreamSession, HttpPeer), GatewayError> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_timeout = false;
     let mut stale_retries = 0;
     while tried.len() < app.config.upstream.max_connect_attempts {
-        let Some(guard) = pool.pick_backend(hash_key, &tried) else {
+        let Some(picked) = pool.pick(hints, &tried) else {
             break;
         };
+        if let Some(decision) = picked.decision {
+            app.metrics
+                .record_routing(pool.name(), decision, picked.matched_bytes);
+        }
+        let guard = picked.guard;
         let address = guard.state().address;
         let peer = make_peer(app, address);
         ctx.backend = Some(address);

@@ -799,6 +799,44 @@ fn choose_target(
     Ok((target, served))
 }
 
+/// The prompt's block hashes for a `prefix_aware` pool, seeded with the
+/// model the engine will see and the request's `tools`; and its session
+/// (the pool's `hash_header`, or the caller's user, per `prefix_aware.session`).
+fn prompt_key(
+    session: &Session,
+    ctx: &RequestCtx,
+    pool: &crate::routing::Pool,
+    body: &[u8],
+    info: Option<&BodyInfo>,
+    model: Option<&str>,
+) -> Option<crate::routing::PromptKey> {
+    let settings = &pool.config.prefix_aware;
+    let span_bytes = |span: &Option<std::ops::Range<usize>>| {
+        span.as_ref()
+            .and_then(|r| body.get(r.clone()))
+            .unwrap_or_default()
+    };
+    let info = info?;
+    let prompt = span_bytes(&info.prompt_span);
+    let seed = [
+        model.unwrap_or_default().as_bytes(),
+        span_bytes(&info.tools_span),
+    ];
+    let session_key = match settings.session {
+        crate::config::SessionKey::Header => session
+            .req_header()
+            .headers
+            .get(pool.config.hash_header.as_str())
+            .map(|v| v.as_bytes()),
+        crate::config::SessionKey::User => ctx.user.as_deref().map(str::as_bytes),
+        crate::config::SessionKey::None => None,
+    };
+    Some(
+        crate::routing::PromptKey::new(&seed, prompt, settings.block_bytes)
+            .with_session(session_key),
+    )
+}
+
 async fn proxy_to_model(
     app: &AppState,
     session: &mut Session,
@@ -808,6 +846,15 @@ async fn proxy_to_model(
     info: Option<&BodyInfo>,
 ) -> Result<(), GatewayError> {
     let (target, served) = choose_target(app, ctx, field.as_ref().map(|f| f.name.as_str()))?;
+    let prompt = match &target {
+        Target::Pool(pool) if pool.config.balance == crate::config::Balance::PrefixAware => {
+            let upstream_model = served
+                .as_deref()
+                .or(field.as_ref().map(|f| f.name.as_str()));
+            prompt_key(session, ctx, pool, &body, info, upstream_model)
+        }
+        _ => None,
+    };
     let mut edits = match (&field, &served) {
         (Some(field), Some(served)) => vec![model_edit(field, served)],
         _ => Vec::new(),
@@ -844,7 +891,7 @@ async fn proxy_to_model(
         ctx.model_use = app.models.begin(model);
     }
     match target {
-        Target::Pool(pool) => forward::forward(app, session, ctx, &pool, body).await,
+        Target::Pool(pool) => forward::forward(app, session, ctx, &pool, body, prompt).await,
         Target::Engine(engine) => {
             // the first request to a stopped engine starts it and waits; a
             // streaming client gets SSE comments meanwhile

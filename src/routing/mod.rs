@@ -4,9 +4,14 @@
 //! background discovery found on healthy backends). Never reads a body or a
 //! socket: the proxy hands it a model name and gets a decision back.
 
+mod load;
 mod pool;
+mod prefix;
+pub mod signals;
 
-pub use pool::{BackendState, InflightGuard, Pool};
+pub use load::{EngineLoad, Scraped};
+pub use pool::{BackendState, Decision, Hints, InflightGuard, Picked, Pool};
+pub use prefix::{PrefixIndex, PromptKey, ENTRY_BYTES, MAX_BACKENDS as PREFIX_MAX_BACKENDS};
 
 use crate::config::Config;
 use arc_swap::ArcSwap;

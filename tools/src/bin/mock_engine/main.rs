@@ -99,6 +99,10 @@ struct Cli {
     /// request's `x-mock-prefill-us-per-token` header overrides it).
     #[arg(long, default_value_t = 0, value_name = "US")]
     prefill_us_per_token: u64,
+    /// How `/metrics` answers: normal (vLLM names, real state), garbage
+    /// (200, not Prometheus text), missing (404) or hang (never answers).
+    #[arg(long, value_enum, default_value = "normal")]
+    metrics_mode: state::MetricsMode,
 }
 
 /// Counts a connection as closed when its task ends (normally or not).
@@ -194,6 +198,7 @@ async fn serve(cli: Cli) -> Result<(), BoxError> {
         flat_errors: cli.flat_errors,
         start_unix: tokens::unix_now(),
         prefill_per_token: Duration::from_micros(cli.prefill_us_per_token),
+        metrics_mode: cli.metrics_mode,
     };
     let engine = Engine {
         max_running: cli.max_running,

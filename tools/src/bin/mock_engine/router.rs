@@ -13,7 +13,7 @@ use crate::body::{error_response, full, json_response, MockBody, TEXT_PLAIN};
 use crate::guard::InflightGuard;
 use crate::inference::{respond, Endpoint, Timing};
 use crate::request::{read_body, route, Route};
-use crate::state::{LastRequest, State};
+use crate::state::{LastRequest, MetricsMode, State};
 use crate::validate;
 
 static X_MOCK_INSTANCE: HeaderName = HeaderName::from_static("x-mock-instance");
@@ -106,11 +106,26 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockB
                 )
             }
         }
-        (Route::Metrics, _) => full(
-            StatusCode::OK,
-            &TEXT_PLAIN,
-            Bytes::from(state.metrics_text()),
-        ),
+        (Route::Metrics, _) => match state.cfg.metrics_mode {
+            MetricsMode::Normal => full(
+                StatusCode::OK,
+                &TEXT_PLAIN,
+                Bytes::from(state.metrics_text()),
+            ),
+            MetricsMode::Garbage => full(
+                StatusCode::OK,
+                &TEXT_PLAIN,
+                Bytes::from_static(
+                    b"vllm:num_requests_running{model_name=\"m\" 1e\nvllm:num_requests_waiting{{}} x\n\x00\xff<html>\n",
+                ),
+            ),
+            MetricsMode::Missing => full(
+                StatusCode::NOT_FOUND,
+                &TEXT_PLAIN,
+                Bytes::from_static(b"404 Not Found"),
+            ),
+            MetricsMode::Hang => std::future::pending().await,
+        },
         (Route::MockHealth, _) => {
             let body = received
                 .as_ref()

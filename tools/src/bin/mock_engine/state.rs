@@ -38,6 +38,22 @@ pub struct Config {
     pub start_unix: u64,
     /// Prefill time per uncached prompt token (`--prefill-us-per-token`).
     pub prefill_per_token: Duration,
+    /// How `/metrics` answers (`--metrics-mode`).
+    pub metrics_mode: MetricsMode,
+}
+
+/// `--metrics-mode`: a healthy exposition, or a broken one for tests of
+/// the gateway's engine-metrics scraping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsMode {
+    /// vLLM's names with the real state.
+    Normal,
+    /// 200 with bytes that are not Prometheus text.
+    Garbage,
+    /// 404, as an engine started without metrics.
+    Missing,
+    /// Never answers.
+    Hang,
 }
 
 /// Per-model counters (exported on /metrics with a `model_name` label).
@@ -157,6 +173,7 @@ impl State {
             flat_errors: false,
             start_unix: 0,
             prefill_per_token: Duration::ZERO,
+            metrics_mode: MetricsMode::Normal,
         };
         let models = models.iter().map(|m| (*m).to_owned()).collect();
         State::new(cfg, models, true, 0, engine)
@@ -323,8 +340,13 @@ impl State {
             ),
         ];
         for (name, kind, help, get) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            // as Python's prometheus_client writes the text format: a
+            // counter's family is named with its `_total` suffix
             let suffix = if kind == "counter" { "_total" } else { "" };
+            let _ = writeln!(
+                out,
+                "# HELP {name}{suffix} {help}\n# TYPE {name}{suffix} {kind}"
+            );
             for m in &self.models {
                 let v = get(m, usage);
                 let _ = writeln!(
@@ -337,8 +359,8 @@ impl State {
         }
         let _ = writeln!(
             out,
-            "# HELP mock_requests Inference requests received by the mock engine.\n\
-             # TYPE mock_requests counter\nmock_requests_total {}",
+            "# HELP mock_requests_total Inference requests received by the mock engine.\n\
+             # TYPE mock_requests_total counter\nmock_requests_total {}",
             self.counters.requests.load(Ordering::Relaxed)
         );
         out
@@ -414,7 +436,7 @@ mod tests {
         st.cache().insert(&[1, 2]);
         let text = st.metrics_text();
         for want in [
-            "# TYPE vllm:prefix_cache_queries counter\n",
+            "# TYPE vllm:prefix_cache_queries_total counter\n",
             "vllm:prefix_cache_queries_total{model_name=\"a\"} 40.0\n",
             "vllm:prefix_cache_hits_total{model_name=\"a\"} 32.0\n",
             "vllm:prefix_cache_hits_total{model_name=\"b\\\"q\"} 0.0\n",
@@ -423,7 +445,7 @@ mod tests {
             "# TYPE vllm:num_requests_waiting gauge\n",
             "vllm:num_requests_waiting{model_name=\"a\"} 0.0\n",
             "vllm:num_requests_running{model_name=\"a\"} 0.0\n",
-            "# TYPE vllm:prompt_tokens counter\nvllm:prompt_tokens_total{",
+            "# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{",
             "mock_requests_total 0\n",
         ] {
             assert!(text.contains(want), "{want:?} not in\n{text}");
