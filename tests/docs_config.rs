@@ -24,6 +24,11 @@ const SCHEMA: &[(&str, &[&str], &[&str])] = &[
         &["docs/configuration.md"],
     ),
     (
+        "src/config/raw.rs",
+        &["RawEngineMetrics", "RawPrefixAware"],
+        &["docs/configuration.md", "docs/routing.md"],
+    ),
+    (
         "src/engines/config.rs",
         &[
             "RawEngines",
