@@ -156,6 +156,13 @@ pub struct Record<'a> {
     /// Error code.
     pub error: Option<&'a str>,
     pub client_gone: bool,
+    /// Time waited in the pool's dispatch queue; rounded to the microsecond.
+    #[serde(serialize_with = "opt_ms")]
+    pub queue_ms: Option<f64>,
+    /// Retries on another backend before the first byte.
+    pub retries: u32,
+    /// The model that served the request instead of `model` (`fallbacks`).
+    pub fallback: Option<&'a str>,
 }
 
 fn round_ms(v: f64) -> f64 {
@@ -352,7 +359,8 @@ fn render_with(scratch: &mut Vec<u8>, format: Format, record: &Record<'_>) -> Op
 
 /// `<time> <request_id> <METHOD> <path> status=… dur_ms=… ttfb_ms=… endpoint=…
 /// user=… model=… pool=… backend=… client=… stream=… req_bytes=… resp_bytes=…
-/// prompt_tokens=… completion_tokens=… usage=… error=… client_gone=…`:
+/// prompt_tokens=… completion_tokens=… usage=… error=… client_gone=… queue_ms=…
+/// retries=… fallback=…`:
 /// the process log's access line (same keys, same order, `-` for none) with
 /// the time in front and `client`, `stream` added. Values with spaces,
 /// quotes, `=` or control characters are written as JSON strings.
@@ -399,7 +407,15 @@ fn write_text(out: &mut Vec<u8>, time: &[u8], r: &Record<'_>) {
     text_opt(out, r.usage);
     out.extend_from_slice(b" error=");
     text_opt(out, r.error);
-    let _ = write!(out, " client_gone={}", r.client_gone);
+    let _ = write!(out, " client_gone={} queue_ms=", r.client_gone);
+    match r.queue_ms {
+        Some(t) => {
+            let _ = write!(out, "{t:.3}");
+        }
+        None => out.push(b'-'),
+    }
+    let _ = write!(out, " retries={} fallback=", r.retries);
+    text_opt(out, r.fallback);
 }
 
 fn text_opt(out: &mut Vec<u8>, v: Option<&str>) {
@@ -946,7 +962,7 @@ mod tests {
         }
     }
 
-    const KEYS: [&str; 21] = [
+    const KEYS: [&str; 24] = [
         "time",
         "request_id",
         "client",
@@ -968,6 +984,9 @@ mod tests {
         "stream",
         "error",
         "client_gone",
+        "queue_ms",
+        "retries",
+        "fallback",
     ];
 
     fn file_config(dir: &Path, max_size_bytes: u64, max_files: usize) -> AccessLogConfig {
@@ -1035,7 +1054,8 @@ mod tests {
             "2026-11-21T22:31:00.123Z req-1 POST /v1/chat/completions status=200 dur_ms=1.208 \
              ttfb_ms=1.198 endpoint=chat_completions user=alice model=tiny-chat pool=chat \
              backend=127.0.0.1:18001 client=10.0.0.7:51234 stream=true req_bytes=81 resp_bytes=334 \
-             prompt_tokens=12 completion_tokens=34 usage=reported error=- client_gone=false\n"
+             prompt_tokens=12 completion_tokens=34 usage=reported error=- client_gone=false \
+             queue_ms=- retries=0 fallback=-\n"
         );
 
         // nothing in a value can split the line or forge a key

@@ -267,6 +267,10 @@ fn backend_entries(app: &AppState) -> Vec<Value> {
                 "response_time": state.response_time_us.load(ordering) as f64 / 1e6,
                 "inflight": state.inflight.load(ordering),
                 "engine": engine_entry(pool, state),
+                "ejected": !matches!(state.ejection.status(), crate::routing::eject::Status::Normal),
+                "ejected_for_seconds": state.ejection.remaining().as_secs_f64(),
+                "ejections": state.ejection.total.load(ordering),
+                "saturated": pool.saturated(state),
             }));
         }
     }

@@ -57,6 +57,18 @@ pub enum GatewayError {
     /// The gateway cannot take more of this now (bodies held in memory, a
     /// full queue); `retry_after` in seconds.
     Overloaded { detail: String, retry_after: u32 },
+    /// The pool's dispatch queue holds `queue.max_len` requests.
+    QueueFull {
+        pool: String,
+        max_len: usize,
+        retry_after: u32,
+    },
+    /// The request waited `queue.max_wait` in the pool's queue.
+    QueueTimeout {
+        pool: String,
+        waited: std::time::Duration,
+        retry_after: u32,
+    },
 }
 
 impl From<crate::body_budget::Refused> for GatewayError {
@@ -169,6 +181,10 @@ impl GatewayError {
                 format!("The {what} did not arrive within {} s (server.client_{}_timeout). Send the whole request without pausing.", after.as_secs(), if *what == "request body" { "body" } else { "header" })),
             E::Overloaded { detail, .. } => (503, "service_unavailable", "server_overloaded", None,
                 format!("The gateway is overloaded: {detail}. Retry after the time in Retry-After.")),
+            E::QueueFull { pool, max_len, .. } => (503, "service_unavailable", "server_overloaded", None,
+                format!("Every engine of pool `{pool}` is busy and {max_len} requests are already waiting (queue.max_len). Retry after the time in Retry-After.")),
+            E::QueueTimeout { pool, waited, .. } => (503, "service_unavailable", "server_overloaded", None,
+                format!("Every engine of pool `{pool}` stayed busy for the {:.1} s this request waited (queue.max_wait). Retry after the time in Retry-After.", waited.as_secs_f64())),
             E::Engine(e) => {
                 use crate::engines::EngineError as X;
                 let code = match e {
@@ -183,7 +199,9 @@ impl GatewayError {
         };
         let retry_after = match self {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } | E::ShuttingDown => Some(1),
-            E::Overloaded { retry_after, .. } => Some((*retry_after).max(1)),
+            E::Overloaded { retry_after, .. }
+            | E::QueueFull { retry_after, .. }
+            | E::QueueTimeout { retry_after, .. } => Some((*retry_after).max(1)),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,
             E::Engine(crate::engines::EngineError::TooLargeForGpu { .. }) => None,

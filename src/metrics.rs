@@ -88,6 +88,14 @@ pub struct Metrics {
     prefix_index_budget: IntGaugeVec,
     prefix_index_entries: IntGaugeVec,
     prefix_index_evictions: IntCounterVec,
+    pub queue_wait: HistogramVec,
+    queue_length: IntGaugeVec,
+    queue_outcomes: IntCounterVec,
+    retries: IntCounterVec,
+    retries_denied: IntCounterVec,
+    backend_ejected: IntGaugeVec,
+    backend_ejections: IntCounterVec,
+    fallbacks: IntCounterVec,
     /// Model names that may appear as label values: every name any config
     /// (start or reload) declared; only grows, so series never go stale.
     models: arc_swap::ArcSwap<HashSet<String>>,
@@ -276,6 +284,30 @@ impl Metrics {
             prefix_index_evictions: register!(registry, IntCounterVec::new(
                 Opts::new("infergate_prefix_index_evictions_total", "Entries the prefix index dropped to stay within its budget."),
                 &["pool"])),
+            queue_wait: register!(registry, HistogramVec::new(
+                hist("infergate_queue_wait_seconds", "Time requests waited in their pool's dispatch queue (those that waited).", TTFT_BUCKETS),
+                &["pool"])),
+            queue_length: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_queue_length", "Requests waiting in the pool's dispatch queue now."),
+                &["pool"])),
+            queue_outcomes: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_queue_requests_total", "Requests that waited in a pool's queue, by outcome: dispatched, full (refused at once), timed_out, abandoned (the client left)."),
+                &["pool", "outcome"])),
+            retries: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_retries_total", "Requests retried on another backend before any byte reached the client, by reason (status_502, status_503, reset)."),
+                &["pool", "reason"])),
+            retries_denied: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_retry_budget_exhausted_total", "Retries not made because the pool's retry budget was spent."),
+                &["pool"])),
+            backend_ejected: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_backend_ejected", "1 while outlier detection keeps a backend out (or half-open), else 0."),
+                &["pool", "backend"])),
+            backend_ejections: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_backend_ejections_total", "Times outlier detection ejected a backend."),
+                &["pool", "backend"])),
+            fallbacks: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_fallbacks_total", "Requests served by a fallback model (from, to)."),
+                &["from", "to"])),
             registry,
             models: arc_swap::ArcSwap::from_pointee(models),
             exported: std::sync::Mutex::default(),
@@ -299,6 +331,14 @@ impl Metrics {
         self.prefix_match_bytes
             .with_label_values(&[pool])
             .observe(matched as f64);
+    }
+
+    pub fn count_retry(&self, pool: &str, reason: &str) {
+        self.retries.with_label_values(&[pool, reason]).inc();
+    }
+
+    pub fn count_fallback(&self, from: &str, to: &str) {
+        self.fallbacks.with_label_values(&[from, to]).inc();
     }
 
     /// One reload of `kind` (`config`, `keys`) and whether it worked.
@@ -413,7 +453,41 @@ impl Metrics {
                 if pool.config.engine_metrics.enabled {
                     self.refresh_engine(pool, state, &labels);
                 }
+                self.backend_ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(!matches!(
+                        state.ejection.status(),
+                        crate::routing::eject::Status::Normal
+                    )));
+                set_counter(
+                    &self.backend_ejections,
+                    &labels,
+                    state.ejection.total.load(Ordering::Relaxed),
+                );
             }
+            let name = [pool.name()];
+            if pool.queues() {
+                self.queue_length
+                    .with_label_values(&name)
+                    .set(i64::try_from(pool.queue_len()).unwrap_or(i64::MAX));
+                for (outcome, counter) in [
+                    ("dispatched", &pool.queue_dispatched),
+                    ("full", &pool.queue_rejected_full),
+                    ("timed_out", &pool.queue_timed_out),
+                    ("abandoned", &pool.queue_abandoned),
+                ] {
+                    set_counter(
+                        &self.queue_outcomes,
+                        &[pool.name(), outcome],
+                        counter.load(Ordering::Relaxed),
+                    );
+                }
+            }
+            set_counter(
+                &self.retries_denied,
+                &name,
+                pool.retries_denied.load(Ordering::Relaxed),
+            );
             if let Some(index) = pool.prefix_index() {
                 indexed.insert(pool.name().to_string());
                 let (entries, bytes, evictions) = index.usage();
@@ -517,6 +591,8 @@ impl Metrics {
             let _ = self.backend_in_flight.remove_label_values(&labels);
             let _ = self.backend_healthy.remove_label_values(&labels);
             let _ = self.backend_response_time.remove_label_values(&labels);
+            let _ = self.backend_ejected.remove_label_values(&labels);
+            let _ = self.backend_ejections.remove_label_values(&labels);
             for gauge in [
                 &self.engine_running,
                 &self.engine_waiting,

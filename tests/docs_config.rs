@@ -25,8 +25,17 @@ const SCHEMA: &[(&str, &[&str], &[&str])] = &[
     ),
     (
         "src/config/raw.rs",
-        &["RawEngineMetrics", "RawPrefixAware"],
-        &["docs/configuration.md", "docs/routing.md"],
+        &[
+            "RawEngineMetrics",
+            "RawPrefixAware",
+            "RawQueue",
+            "RawEjection",
+        ],
+        &[
+            "docs/configuration.md",
+            "docs/routing.md",
+            "docs/flow-control.md",
+        ],
     ),
     (
         "src/engines/config.rs",

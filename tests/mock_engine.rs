@@ -898,18 +898,22 @@ fn metrics_parse_and_carry_vllms_names_per_model() {
             "vllm:kv_cache_usage_perc",
         ),
         (
-            "vllm:prefix_cache_queries",
+            "vllm:prefix_cache_queries_total",
             "counter",
             "vllm:prefix_cache_queries_total",
         ),
         (
-            "vllm:prefix_cache_hits",
+            "vllm:prefix_cache_hits_total",
             "counter",
             "vllm:prefix_cache_hits_total",
         ),
-        ("vllm:prompt_tokens", "counter", "vllm:prompt_tokens_total"),
         (
-            "vllm:generation_tokens",
+            "vllm:prompt_tokens_total",
+            "counter",
+            "vllm:prompt_tokens_total",
+        ),
+        (
+            "vllm:generation_tokens_total",
             "counter",
             "vllm:generation_tokens_total",
         ),

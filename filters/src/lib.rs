@@ -83,6 +83,72 @@ pub struct LimitSpec {
     pub tokens_per_minute: Option<u64>,
 }
 
+/// A principal's place in a pool's dispatch queue: higher `priority` is
+/// served first (with aging), and within a priority, principals share by
+/// `weight` (docs/flow-control.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// 0–9; `low` = 2, `normal` = 5, `high` = 8.
+    pub priority: u8,
+    /// 1–1000.
+    pub weight: u32,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share {
+            priority: Priority::NORMAL,
+            weight: 1,
+        }
+    }
+}
+
+/// `priority` in a keys or users file: `high`, `normal`, `low` or 0–9.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Priority(pub u8);
+
+impl Priority {
+    pub const LOW: u8 = 2;
+    pub const NORMAL: u8 = 5;
+    pub const HIGH: u8 = 8;
+    pub const MAX: u8 = 9;
+
+    /// `high`, `normal`, `low` or a number 0–9.
+    pub fn parse(text: &str) -> Result<Priority, String> {
+        match text.trim() {
+            "high" => Ok(Priority(Self::HIGH)),
+            "normal" => Ok(Priority(Self::NORMAL)),
+            "low" => Ok(Priority(Self::LOW)),
+            other => match other.parse::<u8>() {
+                Ok(n) if n <= Self::MAX => Ok(Priority(n)),
+                _ => Err(format!(
+                    "priority `{other}` is not one of high, normal, low or a number 0-9"
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Priority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Priority, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        Priority::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `weight` bounds in keys and users files.
+pub const MAX_SHARE_WEIGHT: u32 = 1000;
+
 /// Who is calling, as established by the `auth` filter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
@@ -99,6 +165,8 @@ pub struct Identity {
     pub limits: LimitSpec,
     /// Total token quota over the principal's lifetime; `None` = unlimited.
     pub quota: Option<u64>,
+    /// Priority and weight in a pool's dispatch queue.
+    pub share: Share,
 }
 
 impl Identity {

@@ -20,6 +20,7 @@ const SECTIONS: &[&str] = &[
     "filters",
     "access_log",
     "engines",
+    "fallbacks",
 ];
 
 /// Read and validate a config file.
@@ -70,6 +71,7 @@ pub fn parse_str(text: &str) -> Result<Config, Vec<ConfigError>> {
         engines: section::<crate::engines::config::RawEngines>(&map, "engines", &mut errors)
             .unwrap_or_default(),
         pools: list::<RawPool>(&map, "pools", &mut errors),
+        fallbacks: section(&map, "fallbacks", &mut errors).unwrap_or_default(),
         filters: if map.contains_key("filters") {
             list::<FilterConfig>(&map, "filters", &mut errors)
         } else {

@@ -48,6 +48,9 @@ pub struct Config {
     pub filters: Vec<FilterConfig>,
     /// Engine processes infergate manages.
     pub engines: crate::engines::config::EnginesConfig,
+    /// model → the models to try, in order, when its pool has no healthy
+    /// backend or its queue is full (top level and every pool's, merged).
+    pub fallbacks: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -177,7 +180,7 @@ pub struct PrefixAwareConfig {
     pub max_sessions: usize,
 }
 
-// `f64` in PrefixAwareConfig: configs compare for reload; NaN is refused by validation.
+// `f64` in these configs: configs compare for reload; NaN is refused by validation.
 impl Eq for PrefixAwareConfig {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +198,7 @@ pub struct HealthCheckConfig {
     pub healthy_after: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub models: Vec<String>,
@@ -212,6 +215,41 @@ pub struct PoolConfig {
     pub inject_stream_usage: bool,
     pub engine_metrics: EngineMetricsConfig,
     pub prefix_aware: PrefixAwareConfig,
+    /// Requests in flight per backend; more wait in the pool's queue.
+    pub max_inflight: Option<usize>,
+    pub queue: QueueConfig,
+    /// Retries on another backend before the first byte reached the client.
+    pub retries: usize,
+    /// Retries allowed per request, averaged (0.2 = one retry per 5 requests).
+    pub retry_budget: f64,
+    pub ejection: EjectionConfig,
+    /// This pool's `fallbacks` (also merged into [`Config::fallbacks`]).
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+/// The pool's dispatch queue (docs/flow-control.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueConfig {
+    pub max_len: usize,
+    pub max_wait: Duration,
+    /// A waiting request gains one priority level per `aging` waited.
+    pub aging: Duration,
+    /// A backend whose engine reports more waiting requests than this is
+    /// saturated (needs engine_metrics).
+    pub max_engine_waiting: Option<f64>,
+}
+
+impl Eq for QueueConfig {}
+impl Eq for PoolConfig {}
+
+/// Passive outlier detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EjectionConfig {
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub base_time: Duration,
+    pub max_time: Duration,
+    pub max_ejected_percent: u32,
 }
 
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 32 * 1024 * 1024;

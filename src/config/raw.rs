@@ -95,6 +95,32 @@ pub struct RawPool {
     pub inject_stream_usage: Option<bool>,
     pub engine_metrics: Option<RawEngineMetrics>,
     pub prefix_aware: Option<RawPrefixAware>,
+    pub max_inflight: Option<usize>,
+    pub queue: Option<RawQueue>,
+    pub retries: Option<usize>,
+    pub retry_budget: Option<f64>,
+    pub ejection: Option<RawEjection>,
+    #[serde(default)]
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_len: Option<usize>,
+    pub max_wait: Option<String>,
+    pub aging: Option<String>,
+    pub max_engine_waiting: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEjection {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<u32>,
+    pub base_time: Option<String>,
+    pub max_time: Option<String>,
+    pub max_ejected_percent: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

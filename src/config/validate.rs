@@ -2,13 +2,13 @@
 
 use super::duration::parse_duration;
 use super::raw::{
-    RawAccessLog, RawBackend, RawEngineMetrics, RawHealthCheck, RawPool, RawPrefixAware,
-    RawRouting, RawServer, RawTimeouts, RawUpstream,
+    RawAccessLog, RawBackend, RawEjection, RawEngineMetrics, RawHealthCheck, RawPool,
+    RawPrefixAware, RawQueue, RawRouting, RawServer, RawTimeouts, RawUpstream,
 };
 use super::{
-    BackendConfig, Balance, Config, ConfigError, EngineMetricsConfig, HealthCheckConfig,
-    PoolConfig, PrefixAwareConfig, RoutingConfig, ServerConfig, SessionKey, Timeouts,
-    UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
+    BackendConfig, Balance, Config, ConfigError, EjectionConfig, EngineMetricsConfig,
+    HealthCheckConfig, PoolConfig, PrefixAwareConfig, QueueConfig, RoutingConfig, ServerConfig,
+    SessionKey, Timeouts, UpstreamConfig, DEFAULT_MAX_REQUEST_BODY_BYTES,
 };
 use crate::access_log::{AccessLogConfig, FileOutput, Format, Output, DEFAULT_MAX_AGE};
 use infergate_filters::FilterConfig;
@@ -30,6 +30,7 @@ pub struct RawConfig {
     pub routing: RawRouting,
     pub pools: Vec<Option<RawPool>>,
     pub filters: Vec<Option<FilterConfig>>,
+    pub fallbacks: BTreeMap<String, Vec<String>>,
 }
 
 struct Errors<'a>(&'a mut Vec<ConfigError>);
@@ -125,6 +126,24 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
             );
         }
     }
+    check_fallbacks("fallbacks", &raw.fallbacks, &mut errs);
+    let mut fallbacks = raw.fallbacks;
+    for (i, pool) in pools.iter().enumerate() {
+        for (model, list) in &pool.fallbacks {
+            if !pool.models.contains(model) && !pool.aliases.contains_key(model) {
+                errs.push(
+                    format!("pools[{i}].fallbacks.{model}"),
+                    "is not one of this pool's models or aliases (put it under the top-level `fallbacks`)",
+                );
+            }
+            if fallbacks.insert(model.clone(), list.clone()).is_some() {
+                errs.push(
+                    format!("pools[{i}].fallbacks.{model}"),
+                    "is also in the top-level `fallbacks`; keep one",
+                );
+            }
+        }
+    }
     Config {
         access_log: validate_access_log(raw.access_log, &mut errs),
         server,
@@ -134,6 +153,7 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         pools,
         filters: validate_filters(raw.filters, &mut errs),
         engines,
+        fallbacks,
     }
 }
 
@@ -400,7 +420,34 @@ fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
             ),
         );
     }
+    if raw.max_inflight == Some(0) {
+        errs.push(format!("{at}.max_inflight"), "must be at least 1");
+    }
+    let queue = validate_queue(&at, raw.queue, errs);
+    if queue.max_engine_waiting.is_some() && !engine_metrics.enabled {
+        errs.push(
+            format!("{at}.queue.max_engine_waiting"),
+            "needs engine_metrics (set `engine_metrics: { enabled: true }` or an engine-aware balance)",
+        );
+    }
+    let retry_budget = raw.retry_budget.unwrap_or(0.2);
+    if !(0.0..=1.0).contains(&retry_budget) {
+        errs.push(
+            format!("{at}.retry_budget"),
+            "must be a fraction between 0 and 1 (0.2: one retry per five requests)",
+        );
+    }
+    if raw.retries.is_some_and(|r| r > 5) {
+        errs.push(format!("{at}.retries"), "must be at most 5");
+    }
+    check_fallbacks(&format!("{at}.fallbacks"), &raw.fallbacks, errs);
     PoolConfig {
+        max_inflight: raw.max_inflight.map(|n| n.max(1)),
+        queue,
+        retries: raw.retries.unwrap_or(1).min(5),
+        retry_budget: retry_budget.clamp(0.0, 1.0),
+        ejection: validate_ejection(&at, raw.ejection.unwrap_or_default(), errs),
+        fallbacks: raw.fallbacks,
         engine_metrics,
         prefix_aware,
         health_check: validate_health(&at, raw.health_check.unwrap_or_default(), errs),
@@ -472,6 +519,80 @@ fn validate_health(at: &str, raw: RawHealthCheck, errs: &mut Errors) -> HealthCh
         timeout: errs.duration(&format!("{at}.timeout"), raw.timeout.as_ref(), secs(1)),
         unhealthy_after: unhealthy_after.max(1),
         healthy_after: healthy_after.max(1),
+    }
+}
+
+fn validate_queue(at: &str, raw: Option<RawQueue>, errs: &mut Errors) -> QueueConfig {
+    let at = format!("{at}.queue");
+    let raw = raw.unwrap_or_default();
+    let max_len = raw.max_len.unwrap_or(1000);
+    let max_wait = errs.duration(&format!("{at}.max_wait"), raw.max_wait.as_ref(), secs(10));
+    if max_wait.is_zero() {
+        errs.push(format!("{at}.max_wait"), "must be more than 0");
+    }
+    let aging = errs.duration(&format!("{at}.aging"), raw.aging.as_ref(), secs(2));
+    if aging.is_zero() {
+        errs.push(format!("{at}.aging"), "must be more than 0");
+    }
+    if let Some(w) = raw.max_engine_waiting {
+        if !w.is_finite() || w < 0.0 {
+            errs.push(format!("{at}.max_engine_waiting"), "must be a number ≥ 0");
+        }
+    }
+    QueueConfig {
+        max_len,
+        max_wait: max_wait.max(Duration::from_millis(1)),
+        aging: aging.max(Duration::from_millis(1)),
+        max_engine_waiting: raw
+            .max_engine_waiting
+            .filter(|w| w.is_finite() && *w >= 0.0),
+    }
+}
+
+fn validate_ejection(at: &str, raw: RawEjection, errs: &mut Errors) -> EjectionConfig {
+    let at = format!("{at}.ejection");
+    let consecutive_failures = raw.consecutive_failures.unwrap_or(5);
+    if consecutive_failures == 0 {
+        errs.push(format!("{at}.consecutive_failures"), "must be at least 1");
+    }
+    let base_time = errs.duration(&format!("{at}.base_time"), raw.base_time.as_ref(), secs(10));
+    let max_time = errs.duration(&format!("{at}.max_time"), raw.max_time.as_ref(), secs(300));
+    if base_time.is_zero() || max_time < base_time {
+        errs.push(
+            format!("{at}.max_time"),
+            "base_time must be more than 0 and max_time at least base_time",
+        );
+    }
+    let max_ejected_percent = raw.max_ejected_percent.unwrap_or(50);
+    if max_ejected_percent > 100 {
+        errs.push(format!("{at}.max_ejected_percent"), "must be 0-100");
+    }
+    EjectionConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        consecutive_failures: consecutive_failures.max(1),
+        base_time: base_time.max(Duration::from_millis(1)),
+        max_time: max_time.max(base_time),
+        max_ejected_percent: max_ejected_percent.min(100),
+    }
+}
+
+/// `fallbacks`: model → models to try, none empty, none itself.
+fn check_fallbacks(at: &str, fallbacks: &BTreeMap<String, Vec<String>>, errs: &mut Errors) {
+    for (model, list) in fallbacks {
+        if model.trim().is_empty() {
+            errs.push(at, "model names must not be empty");
+        }
+        if list.is_empty() {
+            errs.push(
+                format!("{at}.{model}"),
+                "list at least one model to fall back to",
+            );
+        }
+        for (i, target) in list.iter().enumerate() {
+            if target.trim().is_empty() || target == model {
+                errs.push(format!("{at}.{model}[{i}]"), "must name another model");
+            }
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub async fn refresh(app: &AppState) {
             continue;
         }
         for address in addresses {
-            match fetch_models(app, address, pool.config.health_check.timeout).await {
+            match fetch_models(address, pool.config.health_check.timeout).await {
                 Ok(models) => {
                     for m in models {
                         table.entry(m).or_insert(index);
@@ -40,13 +40,9 @@ pub async fn refresh(app: &AppState) {
     app.router.set_discovered(table);
 }
 
-async fn fetch_models(
-    app: &AppState,
-    address: SocketAddr,
-    limit: Duration,
-) -> Result<Vec<String>, String> {
+async fn fetch_models(address: SocketAddr, limit: Duration) -> Result<Vec<String>, String> {
     let body = super::fetch::get(
-        &app.connector,
+        super::fetch::connector(),
         address,
         "/v1/models",
         limit,

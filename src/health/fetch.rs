@@ -12,6 +12,13 @@ use tokio::time::timeout;
 /// How long a fetched connection may idle in the pool.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// The background services' own connection pool, apart from the proxy's
+/// (a scrape every 250 ms must not take or race for request connections).
+pub fn connector() -> &'static Connector {
+    static CONNECTOR: std::sync::OnceLock<Connector> = std::sync::OnceLock::new();
+    CONNECTOR.get_or_init(|| Connector::new(None))
+}
+
 /// `GET path` on `address`: the body of a 200 answer, or why not.
 pub async fn get(
     connector: &Connector,

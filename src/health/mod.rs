@@ -21,6 +21,10 @@ pub struct Supervisor {
     pub live: Arc<Live>,
 }
 
+/// How often a pool with a queue looks for free slots besides the events
+/// that free them.
+const QUEUE_TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
 type PoolTasks = Vec<(Arc<Pool>, Vec<JoinHandle<()>>)>;
 
 /// One health-check task (and one scrape task with `engine_metrics`) per
@@ -52,13 +56,28 @@ fn reconcile_checks(live: &Live, tasks: &mut PoolTasks) {
         })];
         if pool.config.engine_metrics.enabled {
             let scraped = pool.clone();
-            let connector = app.connector.clone();
             handles.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(scraped.config.engine_metrics.interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    scrape::scrape_pool(&scraped, &connector).await;
+                    scrape::scrape_pool(&scraped).await;
+                }
+            }));
+        }
+        if pool.queues() {
+            // a slot can free without a request ending (an ejection ends, a
+            // backend turns healthy, an engine's queue drains): look again
+            let pumped = pool.clone();
+            handles.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(QUEUE_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    pumped.drain_rate();
+                    if pumped.queue_len() > 0 {
+                        pumped.pump();
+                    }
                 }
             }));
         }

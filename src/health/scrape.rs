@@ -7,7 +7,6 @@
 //! in-flight count. Failures are counted (`/metrics`, `/services`).
 
 use crate::routing::{signals, Pool};
-use pingora_core::connectors::http::v1::Connector;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,18 +15,22 @@ use std::sync::Arc;
 const MAX_METRICS_BODY: usize = 8 * 1024 * 1024;
 
 /// Scrape every backend of `pool` once, concurrently.
-pub async fn scrape_pool(pool: &Arc<Pool>, connector: &Arc<Connector>) {
+pub async fn scrape_pool(pool: &Arc<Pool>) {
     let config = &pool.config.engine_metrics;
     let mut tasks = tokio::task::JoinSet::new();
     for state in pool.backend_states() {
         let state = state.clone();
-        let connector = connector.clone();
         let path = config.path.clone();
         let timeout = config.timeout;
         tasks.spawn(async move {
-            let body =
-                super::fetch::get(&connector, state.address, &path, timeout, MAX_METRICS_BODY)
-                    .await;
+            let body = super::fetch::get(
+                super::fetch::connector(),
+                state.address,
+                &path,
+                timeout,
+                MAX_METRICS_BODY,
+            )
+            .await;
             let parsed = body.and_then(|b| {
                 let text = String::from_utf8_lossy(&b);
                 signals::parse(&text)
@@ -36,6 +39,7 @@ pub async fn scrape_pool(pool: &Arc<Pool>, connector: &Arc<Connector>) {
         });
     }
     while let Some(done) = tasks.join_next().await {
+        let pump = pool.queue_len() > 0;
         let Ok((state, parsed)) = done else { continue };
         match parsed {
             Ok(found) => {
@@ -62,6 +66,9 @@ pub async fn scrape_pool(pool: &Arc<Pool>, connector: &Arc<Connector>) {
                 }
                 state.engine.record_failure(e);
             }
+        }
+        if pump {
+            pool.pump(); // the engine may have room again
         }
     }
 }

@@ -59,6 +59,13 @@ pub struct RequestCtx {
     pub websocket_upstream: Option<SocketAddr>,
     /// This request's body in the body budget, until the request ends.
     pub body_hold: Option<crate::body_budget::Hold>,
+    /// It waited in its pool's dispatch queue, and for how long.
+    pub queued: bool,
+    pub queue_wait: Option<std::time::Duration>,
+    /// Retries on another backend before the first byte.
+    pub retries: u32,
+    /// The model it was served by instead of the one asked for (`fallbacks`).
+    pub fallback: Option<String>,
 }
 
 impl RequestCtx {
@@ -94,6 +101,10 @@ impl RequestCtx {
             sse_started: false,
             websocket_upstream: None,
             body_hold: None,
+            queued: false,
+            queue_wait: None,
+            retries: 0,
+            fallback: None,
         }
     }
 

@@ -12,10 +12,12 @@
 use super::ctx::RequestCtx;
 use super::upstream_error;
 use crate::errors::{GatewayError, TimeoutPhase};
-use crate::routing::{Hints, Pool, PromptKey};
+use crate::routing::eject::Outcome;
+use crate::routing::{Dispatch, Hints, Picked, Pool, Principal, PromptKey, Refusal, Want};
 use crate::state::AppState;
 use crate::usage::UsageTap;
 use bytes::Bytes;
+use infergate_filters::{Priority, Role};
 use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::ErrorType;
@@ -24,6 +26,7 @@ use pingora_proxy::Session;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::time::timeout;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// Request headers that describe one hop and must not be forwarded.
 const HOP_BY_HOP: &[&str] = &[
@@ -69,17 +72,243 @@ pub async fn forward(
         hash_key: hash_key.as_deref(),
         prompt: prompt.as_ref(),
     };
-    let (mut upstream, peer) = send_request(app, ctx, pool, &request, &body, &hints).await?;
-    relay_response(app, session, ctx, &mut upstream).await?;
+    let want = || Want {
+        hash_key: hash_key.clone(),
+        prompt: prompt.clone(),
+    };
+    let Some(first) = acquire_slot(app, session, ctx, pool, &hints, want).await? else {
+        return Ok(()); // the client left while queued
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut next = Some(first);
+    let mut retries = 0;
+    loop {
+        let (mut upstream, peer) = send_request(
+            app,
+            ctx,
+            pool,
+            &request,
+            &body,
+            &hints,
+            &mut tried,
+            next.take(),
+        )
+        .await?;
+        let failure = match read_head(app, session, ctx, &mut upstream).await {
+            Ok(None) => return Ok(()), // the client left; dropping `upstream` closes it
+            Ok(Some(header)) => {
+                let status = header.status.as_u16();
+                record_outcome(ctx, status < 500);
+                if !matches!(status, 502 | 503) {
+                    relay_from_head(app, session, ctx, &mut upstream, header).await?;
+                    break finish(app, ctx, upstream, &peer).await;
+                }
+                RetryCause::Status(status, header)
+            }
+            Err(e) => {
+                record_outcome(ctx, false);
+                if !matches!(e, GatewayError::UpstreamFailed { .. }) {
+                    return Err(e); // a timeout: the engine may still be working on it
+                }
+                RetryCause::Broken(e)
+            }
+        };
+        // the engine refused before any byte went to the client: another backend?
+        let backend = ctx.backend;
+        tried.extend(backend);
+        let another = (retries < pool.config.retries && !ctx.sse_started)
+            .then(|| pool.pick(&hints, &tried))
+            .flatten()
+            .filter(|_| pool.take_retry());
+        match (another, failure) {
+            (Some(picked), failure) => {
+                retries += 1;
+                ctx.retries += 1;
+                let reason = failure.label();
+                log::warn!(
+                    "request {}: {} from {}; retrying on {} ({reason})",
+                    ctx.request_id(),
+                    failure.describe(),
+                    backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+                    picked.guard.state().address
+                );
+                app.metrics.count_retry(pool.name(), reason);
+                next = Some(picked);
+            }
+            (None, RetryCause::Status(_, header)) => {
+                relay_from_head(app, session, ctx, &mut upstream, header).await?;
+                break finish(app, ctx, upstream, &peer).await;
+            }
+            (None, RetryCause::Broken(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Why an exchange may be retried on another backend.
+enum RetryCause {
+    Status(u16, ResponseHeader),
+    Broken(GatewayError),
+}
+
+impl RetryCause {
+    fn label(&self) -> &'static str {
+        match self {
+            RetryCause::Status(502, _) => "status_502",
+            RetryCause::Status(_, _) => "status_503",
+            RetryCause::Broken(_) => "reset",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            RetryCause::Status(status, _) => format!("status {status}"),
+            RetryCause::Broken(e) => format!("{e:?}"),
+        }
+    }
+}
+
+/// After the response: keep the engine connection for the next request
+/// when it is clean.
+async fn finish(app: &AppState, ctx: &RequestCtx, mut upstream: UpstreamSession, peer: &HttpPeer) {
     if ctx.client_gone {
-        return Ok(()); // dropping `upstream` closes the engine connection
+        return; // dropping `upstream` closes the engine connection
     }
     if upstream.is_body_done() {
         app.connector
-            .release_http_session(upstream, &peer, Some(app.config.upstream.keepalive_idle))
+            .release_http_session(upstream, peer, Some(app.config.upstream.keepalive_idle))
             .await;
     }
-    Ok(())
+}
+
+/// What the exchange said about the backend, for outlier detection.
+fn record_outcome(ctx: &RequestCtx, ok: bool) {
+    if let Some(guard) = &ctx.inflight {
+        guard.record(if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        });
+    }
+}
+
+/// A backend slot for the request: at once, or after waiting in the pool's
+/// queue (a streaming client gets its SSE header and `: queued` comments
+/// meanwhile). `None`: the client left while queued.
+async fn acquire_slot(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    pool: &Pool,
+    hints: &Hints<'_>,
+    want: impl FnOnce() -> Want,
+) -> Result<Option<Picked>, GatewayError> {
+    let who = principal(session, ctx);
+    let refused = |r: Refusal| refusal_error(pool, r);
+    let mut ticket = match pool.dispatch(hints, want, who).map_err(refused)? {
+        Dispatch::Now(picked) => {
+            note_pick(app, pool, &picked);
+            return Ok(Some(picked));
+        }
+        Dispatch::Wait(ticket) => ticket,
+    };
+    ctx.queued = true;
+    let started = Instant::now();
+    if ctx.stream && !ctx.sse_started {
+        if super::respond::write_sse_header(session, ctx)
+            .await
+            .is_err()
+        {
+            ctx.client_gone = true;
+            return Ok(None);
+        }
+    }
+    // the first tick is immediate: a streaming client hears `: queued` at once
+    let mut tick = tokio::time::interval(super::QUEUE_KEEPALIVE);
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = ticket.wait() => break result,
+            _ = client_closed(session) => {
+                ctx.client_gone = true;
+                log::info!("request {}: client left while queued; it never reached an engine", ctx.request_id());
+                return Ok(None); // dropping the ticket leaves the queue
+            }
+            _ = tick.tick(), if ctx.sse_started => {
+                let comment = Bytes::from_static(b": queued\n\n");
+                if session.write_response_body(Some(comment), false).await.is_err() {
+                    ctx.client_gone = true;
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    ctx.queue_wait = Some(started.elapsed());
+    app.metrics
+        .queue_wait
+        .with_label_values(&[pool.name()])
+        .observe(started.elapsed().as_secs_f64());
+    let picked = result.map_err(refused)?;
+    note_pick(app, pool, &picked);
+    Ok(Some(picked))
+}
+
+fn note_pick(app: &AppState, pool: &Pool, picked: &Picked) {
+    if let Some(decision) = picked.decision {
+        app.metrics
+            .record_routing(pool.name(), decision, picked.matched_bytes);
+    }
+}
+
+/// The queue's view of the caller: its principal (the key or user; the
+/// client address without auth) and share; an admin may set the priority
+/// of one request with `x-infergate-priority`.
+fn principal(session: &Session, ctx: &RequestCtx) -> Principal {
+    let identity = ctx.filters.identity.as_deref();
+    let key = match identity {
+        Some(id) => xxh3_64(id.id.as_bytes()),
+        None => session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(0, |a| xxh3_64(a.ip().to_string().as_bytes())),
+    };
+    let mut share = identity.map(|i| i.share).unwrap_or_default();
+    if identity.is_some_and(|i| i.role == Role::Admin) {
+        let asked = session
+            .req_header()
+            .headers
+            .get(PRIORITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Priority::parse(v).ok());
+        if let Some(p) = asked {
+            share.priority = p.0;
+        }
+    }
+    Principal { key, share }
+}
+
+/// The request header an admin sets a request's queue priority with.
+pub const PRIORITY_HEADER: &str = "x-infergate-priority";
+
+fn refusal_error(pool: &Pool, refusal: Refusal) -> GatewayError {
+    match refusal {
+        Refusal::NoBackend => GatewayError::NoHealthyBackend {
+            pool: pool.name().to_string(),
+        },
+        Refusal::QueueFull { retry_after } => GatewayError::QueueFull {
+            pool: pool.name().to_string(),
+            max_len: pool.config.queue.max_len,
+            retry_after,
+        },
+        Refusal::TimedOut {
+            waited,
+            retry_after,
+        } => GatewayError::QueueTimeout {
+            pool: pool.name().to_string(),
+            waited,
+            retry_after,
+        },
+    }
 }
 
 /// Forward `body` to one engine at `address` (a managed engine: no pool,
@@ -176,18 +405,23 @@ async fn send_request(
     request: &RequestHeader,
     body: &Bytes,
     hints: &Hints<'_>,
+    tried: &mut Vec<SocketAddr>,
+    mut first: Option<Picked>,
 ) -> Result<(UpstreamSession, HttpPeer), GatewayError> {
-    let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_timeout = false;
     let mut stale_retries = 0;
-    while tried.len() < app.config.upstream.max_connect_attempts {
-        let Some(picked) = pool.pick(hints, &tried) else {
-            break;
+    let mut connects = 0;
+    while connects < app.config.upstream.max_connect_attempts {
+        let picked = match first.take() {
+            Some(picked) => picked,
+            None => match pool.pick(hints, tried) {
+                Some(picked) => {
+                    note_pick(app, pool, &picked);
+                    picked
+                }
+                None => break,
+            },
         };
-        if let Some(decision) = picked.decision {
-            app.metrics
-                .record_routing(pool.name(), decision, picked.matched_bytes);
-        }
         let guard = picked.guard;
         let address = guard.state().address;
         let peer = make_peer(app, address);
@@ -202,7 +436,9 @@ async fn send_request(
                     ctx.request_id()
                 );
                 count_error(ctx);
+                record_outcome(ctx, false);
                 tried.push(address);
+                connects += 1;
                 continue;
             }
         };
@@ -220,6 +456,7 @@ async fn send_request(
             }
             Err(e) => {
                 count_error(ctx);
+                record_outcome(ctx, false);
                 return Err(GatewayError::UpstreamFailed {
                     detail: format!("sending the request failed ({})", e.etype().as_str()),
                 });
@@ -227,7 +464,7 @@ async fn send_request(
         }
     }
     ctx.inflight = None;
-    if tried.is_empty() {
+    if connects == 0 {
         return Err(GatewayError::NoHealthyBackend {
             pool: pool.name().to_string(),
         });
@@ -239,7 +476,7 @@ async fn send_request(
     }
     Err(GatewayError::ConnectFailed {
         pool: pool.name().to_string(),
-        attempts: tried.len(),
+        attempts: connects,
     })
 }
 
@@ -292,6 +529,19 @@ async fn relay_response(
     ctx: &mut RequestCtx,
     upstream: &mut UpstreamSession,
 ) -> Result<(), GatewayError> {
+    match read_head(app, session, ctx, upstream).await? {
+        Some(header) => relay_from_head(app, session, ctx, upstream, header).await,
+        None => Ok(()),
+    }
+}
+
+/// Wait for the engine's final response header. `Ok(None)`: the client left.
+async fn read_head(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &mut UpstreamSession,
+) -> Result<Option<ResponseHeader>, GatewayError> {
     let first_byte = app.config.timeouts.first_byte;
     let read_header = tokio::select! {
         biased;
@@ -300,7 +550,7 @@ async fn relay_response(
         _ = client_closed(session) => {
             ctx.client_gone = true;
             log::info!("request {}: client left before the first byte; closing the engine connection", ctx.request_id());
-            return Ok(());
+            return Ok(None);
         }
     };
     match read_header {
@@ -325,11 +575,23 @@ async fn relay_response(
             .with_label_values(&[pool])
             .observe((now - sent).as_secs_f64());
     }
-    let Some(header) = upstream.resp_header().cloned() else {
-        return Err(GatewayError::UpstreamFailed {
+    match upstream.resp_header().cloned() {
+        Some(header) => Ok(Some(header)),
+        None => Err(GatewayError::UpstreamFailed {
             detail: "no response header".into(),
-        });
-    };
+        }),
+    }
+}
+
+/// Relay a response whose final header was read: errors normalised, SSE
+/// and JSON bodies chunk by chunk.
+async fn relay_from_head(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &mut UpstreamSession,
+    header: ResponseHeader,
+) -> Result<(), GatewayError> {
     if header.status.as_u16() >= 400 {
         return upstream_error::relay_normalised(app, session, ctx, upstream, header).await;
     }

@@ -248,6 +248,9 @@ impl ProxyHttp for Gateway {
                 stream: ctx.stream,
                 error: error_type,
                 client_gone: ctx.client_gone,
+                queue_ms: ctx.queue_wait.map(ms),
+                retries: ctx.retries,
+                fallback: ctx.fallback.as_deref(),
             });
         }
         if let Some(e) = error {
@@ -697,6 +700,8 @@ fn prompt_estimate(body_len: usize) -> u64 {
 }
 
 /// How often a streaming client waiting for an engine start gets a comment.
+/// A streaming client waiting in a pool's queue gets `: queued` this often.
+const QUEUE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 const START_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Wait for an engine start while sending `: loading` SSE comments.
@@ -799,6 +804,92 @@ fn choose_target(
     Ok((target, served))
 }
 
+/// The request as the client sent it, for a retry on a fallback model.
+struct FallbackFrom<'a> {
+    body: Bytes,
+    field: Option<crate::body::ModelField>,
+    info: Option<&'a BodyInfo>,
+    /// The served name the original model resolved to (an alias's target).
+    served: Option<String>,
+}
+
+/// The model's pool has no healthy backend or a full queue: try the models
+/// `fallbacks` lists for it, in order, among those the caller may use; the
+/// response says which one answered in `x-infergate-fallback`. Only pools
+/// (a managed engine starts on demand instead).
+async fn fall_back(
+    app: &AppState,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    from: FallbackFrom<'_>,
+    error: GatewayError,
+) -> Result<(), GatewayError> {
+    let (Some(field), Some(asked)) = (from.field.as_ref(), ctx.model.clone()) else {
+        return Err(error);
+    };
+    let list = app.config.fallbacks.get(&asked).or_else(|| {
+        from.served
+            .as_ref()
+            .and_then(|s| app.config.fallbacks.get(s))
+    });
+    let Some(list) = list.cloned() else {
+        return Err(error);
+    };
+    let mut last = error;
+    for candidate in list {
+        let Ok((Target::Pool(pool), served)) = choose_target(app, ctx, Some(&candidate)) else {
+            log::debug!(
+                "request {}: fallback `{candidate}` is unknown, a managed engine, or not allowed for this caller",
+                ctx.request_id()
+            );
+            continue;
+        };
+        let mut edits = vec![model_edit(field, served.as_deref().unwrap_or(&candidate))];
+        if ctx.injected_usage {
+            if let Some(edit) = from.info.and_then(|i| include_usage_edit(&from.body, i)) {
+                edits.push(edit);
+            }
+        }
+        let body = Bytes::from(apply_edits(&from.body, edits));
+        let prompt = if pool.config.balance == crate::config::Balance::PrefixAware {
+            let model = served.as_deref().unwrap_or(&candidate);
+            prompt_key(session, ctx, &pool, &from.body, from.info, Some(model))
+        } else {
+            None
+        };
+        log::info!(
+            "request {}: model `{asked}` unavailable ({}); falling back to `{candidate}`",
+            ctx.request_id(),
+            last.spec().code
+        );
+        ctx.pool = Some(pool.name().to_string());
+        ctx.fallback = Some(candidate.clone());
+        ctx.filters
+            .response_headers
+            .retain(|(name, _)| *name != FALLBACK_HEADER);
+        ctx.filters
+            .response_headers
+            .push((FALLBACK_HEADER, candidate.clone()));
+        match forward::forward(app, session, ctx, &pool, body, prompt).await {
+            Err(e @ (GatewayError::NoHealthyBackend { .. } | GatewayError::QueueFull { .. })) => {
+                last = e;
+            }
+            other => {
+                app.metrics.count_fallback(&asked, &candidate);
+                return other;
+            }
+        }
+    }
+    ctx.fallback = None;
+    ctx.filters
+        .response_headers
+        .retain(|(name, _)| *name != FALLBACK_HEADER);
+    Err(last)
+}
+
+/// The response header naming the model a fallback served.
+pub const FALLBACK_HEADER: &str = "x-infergate-fallback";
+
 /// The prompt's block hashes for a `prefix_aware` pool, seeded with the
 /// model the engine will see and the request's `tools`; and its session
 /// (the pool's `hash_header`, or the caller's user, per `prefix_aware.session`).
@@ -882,6 +973,7 @@ async fn proxy_to_model(
             }
         }
     }
+    let original = body.clone();
     let body = if edits.is_empty() {
         body
     } else {
@@ -891,7 +983,22 @@ async fn proxy_to_model(
         ctx.model_use = app.models.begin(model);
     }
     match target {
-        Target::Pool(pool) => forward::forward(app, session, ctx, &pool, body, prompt).await,
+        Target::Pool(pool) => {
+            match forward::forward(app, session, ctx, &pool, body, prompt).await {
+                Err(
+                    e @ (GatewayError::NoHealthyBackend { .. } | GatewayError::QueueFull { .. }),
+                ) => {
+                    let asked = FallbackFrom {
+                        body: original,
+                        field,
+                        info,
+                        served,
+                    };
+                    fall_back(app, session, ctx, asked, e).await
+                }
+                other => other,
+            }
+        }
         Target::Engine(engine) => {
             // the first request to a stopped engine starts it and waits; a
             // streaming client gets SSE comments meanwhile

@@ -20,6 +20,9 @@ pub struct Scraped {
     /// last scrape interval from its counters (the previous rate when no
     /// query came in between).
     pub hit_rate: Option<f64>,
+    /// Requests the engine runs at once, as learnt from the last scrape that
+    /// showed a queue (a full batch): beyond it, requests wait.
+    pub capacity: Option<f64>,
 }
 
 /// The scraped state of one backend.
@@ -41,6 +44,12 @@ impl EngineLoad {
             (before.and_then(|s| s.prefix_queries), signals.prefix_queries),
             (Some(old), Some(new)) if new < old
         );
+        // an engine with a queue runs a full batch: that is its capacity
+        let capacity = match (signals.running, signals.waiting) {
+            (Some(running), Some(waiting)) if waiting > 0.0 && running > 0.0 => Some(running),
+            _ if restarted => None,
+            _ => previous.as_ref().and_then(|p| p.capacity),
+        };
         let hit_rate = signals.hit_rate.or_else(|| {
             let (queries, hits) = (signals.prefix_queries?, signals.prefix_hits?);
             match before.and_then(|s| Some((s.prefix_queries?, s.prefix_hits?))) {
@@ -57,6 +66,7 @@ impl EngineLoad {
             at: Instant::now(),
             inflight_at: inflight,
             hit_rate,
+            capacity,
         })));
         self.scrapes_ok.fetch_add(1, Ordering::Relaxed);
         restarted
@@ -94,10 +104,14 @@ impl EngineLoad {
 /// work; the score grows from here to 4 requests' worth at 100 %.
 const KV_KNEE: f64 = 0.8;
 
-/// Expected wait on a backend, in requests: what the engine reports
-/// (running + 2 × waiting + a KV-pressure term) adjusted by what the gateway
-/// sent or finished there since the scrape; the gateway's own in-flight
-/// count when there is no fresh scrape. Divided by the backend's weight.
+/// Expected wait on a backend, in requests per unit of weight.
+///
+/// From a fresh scrape: the engine's requests (running + waiting) moved by
+/// what the gateway sent or finished there since (`inflight − inflight_at`),
+/// split again into running and waiting at the engine's learnt capacity (a
+/// full batch seen with a queue); waiting requests count double, and KV-cache
+/// pressure above 80 % adds up to 4. Without a fresh scrape: the gateway's own
+/// in-flight count.
 pub fn score(scraped: Option<&Scraped>, inflight: usize, weight: usize) -> f64 {
     let raw = match scraped {
         Some(s) => {
@@ -110,7 +124,12 @@ pub fn score(scraped: Option<&Scraped>, inflight: usize, weight: usize) -> f64 {
                 0.0
             };
             let since = inflight as f64 - s.inflight_at as f64;
-            (running + 2.0 * waiting + pressure + since).max(0.0)
+            let total = (running + waiting + since).max(0.0);
+            let queued = match s.capacity {
+                Some(capacity) => (total - capacity).max(0.0),
+                None => waiting.min(total),
+            };
+            total + queued + pressure
         }
         None => inflight as f64,
     };
@@ -136,10 +155,21 @@ mod tests {
         let load = EngineLoad::default();
         load.record(signals(2.0, 1.0, 0.1), 3);
         let s = load.latest().unwrap();
-        assert_eq!(score(Some(&s), 3, 1), 4.0);
-        assert_eq!(score(Some(&s), 5, 1), 6.0, "two more sent since the scrape");
-        assert_eq!(score(Some(&s), 0, 1), 1.0, "three finished since");
-        assert_eq!(score(Some(&s), 5, 2), 3.0, "weight divides");
+        assert_eq!(s.capacity, Some(2.0), "a queue means a full batch");
+        assert_eq!(score(Some(&s), 3, 1), 4.0, "2 running + 2 × 1 waiting");
+        assert_eq!(score(Some(&s), 5, 1), 8.0, "two more sent since: both wait");
+        assert_eq!(
+            score(Some(&s), 2, 1),
+            2.0,
+            "one finished: nothing waits now"
+        );
+        assert_eq!(score(Some(&s), 0, 1), 0.0, "three finished since");
+        assert_eq!(score(Some(&s), 5, 2), 4.0, "weight divides");
+        // no queue seen: the capacity is unknown, new requests count once
+        let fresh = EngineLoad::default();
+        fresh.record(signals(2.0, 0.0, 0.1), 2);
+        let s = fresh.latest().unwrap();
+        assert_eq!(score(Some(&s), 4, 1), 4.0);
         assert_eq!(score(None, 5, 1), 5.0, "no scrape: the gateway's own count");
         load.record(signals(0.0, 0.0, 1.0), 0);
         let full = score(load.latest().as_deref(), 0, 1);

@@ -4,13 +4,18 @@
 //! background discovery found on healthy backends). Never reads a body or a
 //! socket: the proxy hands it a model name and gets a decision back.
 
+pub mod eject;
 mod load;
 mod pool;
 mod prefix;
+pub mod queue;
 pub mod signals;
 
 pub use load::{EngineLoad, Scraped};
-pub use pool::{BackendState, Decision, Hints, InflightGuard, Picked, Pool};
+pub use pool::{
+    BackendState, Decision, Dispatch, Hints, InflightGuard, Picked, Pool, Principal, Refusal,
+    Ticket, Want,
+};
 pub use prefix::{PrefixIndex, PromptKey, ENTRY_BYTES, MAX_BACKENDS as PREFIX_MAX_BACKENDS};
 
 use crate::config::Config;
@@ -88,7 +93,7 @@ impl Router {
             let same = previous.and_then(|r| r.pools.iter().find(|p| p.config == *pc));
             match same {
                 Some(pool) => pools.push(pool.clone()),
-                None => pools.push(Arc::new(Pool::new(pc.clone())?)),
+                None => pools.push(Pool::new(pc.clone())?),
             }
         }
         let default_pool = config

@@ -7,10 +7,13 @@
 //! per-backend in-flight counters, and the engine-aware policies
 //! (`load_aware`, `prefix_aware`: docs/routing.md).
 
+use super::eject::{Ejection, Outcome};
 use super::load::{self, EngineLoad};
 use super::prefix::{PrefixIndex, PromptKey, MAX_BACKENDS};
+use super::queue::WaitList;
 use crate::config::{Balance, PoolConfig};
 use async_trait::async_trait;
+use infergate_filters::Share;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result as PResult;
 use pingora_http::RequestHeader;
@@ -20,7 +23,9 @@ use pingora_load_balancing::{discovery, Backend, Backends, LoadBalancer};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// Live state of one backend, shared by selection, health checks and status pages.
 #[derive(Debug)]
@@ -38,6 +43,8 @@ pub struct BackendState {
     pub position: usize,
     /// What the engine reports about its own load (`engine_metrics`).
     pub engine: EngineLoad,
+    /// Passive outlier detection.
+    pub ejection: Ejection,
 }
 
 impl BackendState {
@@ -53,6 +60,12 @@ impl BackendState {
     }
 }
 
+/// The retry budget starts with, and holds at most, this many retries
+/// (×1000): a short burst of failures is retried at once, a long outage at
+/// `retry_budget` of the traffic.
+const RETRY_TOKENS_START: u64 = 3_000;
+const RETRY_TOKENS_MAX: u64 = 10_000;
+
 enum Selector {
     RoundRobin(LoadBalancer<RoundRobin>),
     Consistent(LoadBalancer<Consistent>),
@@ -67,6 +80,114 @@ pub struct Pool {
     rr_offset: AtomicUsize,
     /// `balance: prefix_aware` only.
     prefix: Option<Arc<PrefixIndex>>,
+    /// This pool, for in-flight guards that wake the queue when they end.
+    me: Weak<Pool>,
+    /// Requests waiting for a backend slot (`max_inflight`, `queue`).
+    queue: Mutex<WaitList<Waiting>>,
+    /// `queue.len()`, readable without the lock.
+    waiting: AtomicUsize,
+    /// Requests the queue dispatched, and those it refused (metrics).
+    pub queue_dispatched: AtomicU64,
+    pub queue_rejected_full: AtomicU64,
+    pub queue_timed_out: AtomicU64,
+    pub queue_abandoned: AtomicU64,
+    /// Microseconds dispatched requests waited, in total (metrics).
+    pub queue_wait_us: AtomicU64,
+    /// Retry budget: tokens (×1000) earned by requests, spent by retries.
+    retry_tokens: AtomicU64,
+    pub retries: AtomicU64,
+    pub retries_denied: AtomicU64,
+    /// Drain rate for `Retry-After`: (when, completions then, rate per s).
+    drain: Mutex<(Instant, u64, f64)>,
+}
+
+/// A request waiting in the queue: what the policy needs to pick for it,
+/// and where to hand the picked backend.
+struct Waiting {
+    want: Want,
+    grant: oneshot::Sender<Picked>,
+}
+
+/// The owned form of [`Hints`], for a request that waits.
+#[derive(Debug, Default, Clone)]
+pub struct Want {
+    pub hash_key: Option<Vec<u8>>,
+    pub prompt: Option<PromptKey>,
+}
+
+impl Want {
+    pub fn hints(&self) -> Hints<'_> {
+        Hints {
+            hash_key: self.hash_key.as_deref(),
+            prompt: self.prompt.as_ref(),
+        }
+    }
+}
+
+/// Who is asking, for the queue's order.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal {
+    /// A stable hash of the principal's id (one value for anonymous callers).
+    pub key: u64,
+    pub share: Share,
+}
+
+/// What the pool did with a request.
+pub enum Dispatch {
+    /// A backend slot now.
+    Now(Picked),
+    /// Queued: wait on the ticket.
+    Wait(Ticket),
+}
+
+/// Why the pool refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No backend takes traffic at all (unhealthy, unchecked or ejected).
+    NoBackend,
+    /// The queue holds `queue.max_len` requests.
+    QueueFull { retry_after: u32 },
+    /// Waited `queue.max_wait` without a slot.
+    TimedOut { waited: Duration, retry_after: u32 },
+}
+
+/// A place in the queue. Dropping it leaves the queue (a client that went
+/// away never reaches an engine).
+pub struct Ticket {
+    pool: Arc<Pool>,
+    id: u64,
+    rx: oneshot::Receiver<Picked>,
+    since: Instant,
+}
+
+impl Ticket {
+    /// Wait for a backend slot until `queue.max_wait` after queueing.
+    pub async fn wait(&mut self) -> Result<Picked, Refusal> {
+        let deadline = self.since + self.pool.config.queue.max_wait;
+        match tokio::time::timeout_at(deadline.into(), &mut self.rx).await {
+            Ok(Ok(picked)) => Ok(picked),
+            // the sender is only dropped by `leave`, or by a timed-out wait
+            Ok(Err(_)) | Err(_) => {
+                if self.pool.leave(self.id) {
+                    self.pool.queue_timed_out.fetch_add(1, Ordering::Relaxed);
+                } else if let Ok(picked) = self.rx.try_recv() {
+                    return Ok(picked); // granted at the last moment
+                }
+                Err(Refusal::TimedOut {
+                    waited: self.since.elapsed(),
+                    retry_after: self.pool.retry_after(),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.pool.leave(self.id) {
+            self.pool.queue_abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What an engine-aware policy based its choice on (metrics, logs).
@@ -111,31 +232,60 @@ pub struct Picked {
     pub matched_bytes: usize,
 }
 
-/// Holds one in-flight slot on a backend until dropped.
-pub struct InflightGuard(Arc<BackendState>);
+/// Holds one in-flight slot on a backend until dropped; the freed slot goes
+/// to the pool's queue.
+pub struct InflightGuard {
+    state: Arc<BackendState>,
+    pool: Weak<Pool>,
+    /// Wake the queue on drop (off for a grant the queue could not hand over).
+    pump: bool,
+}
 
 impl InflightGuard {
     pub fn state(&self) -> &BackendState {
-        &self.0
+        &self.state
+    }
+
+    /// Record what the exchange said about the backend (outlier detection).
+    pub fn record(&self, outcome: Outcome) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.record_outcome(&self.state, outcome);
+        }
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.state.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.pump {
+            if let Some(pool) = self.pool.upgrade() {
+                if pool.waiting.load(Ordering::Relaxed) > 0 {
+                    pool.pump();
+                }
+            }
+        }
     }
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig) -> std::io::Result<Self> {
+    pub fn new(config: PoolConfig) -> std::io::Result<Arc<Self>> {
+        for b in &config.backends {
+            Backend::new_with_weight(&b.address.to_string(), b.weight)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(Arc::new_cyclic(|me| Pool::build(config, me.clone())))
+    }
+
+    fn build(config: PoolConfig, me: Weak<Pool>) -> Self {
+        let config_retry_budget = config.retry_budget;
         let mut set = BTreeSet::new();
         let mut ordered = Vec::new();
         let mut states = HashMap::new();
         for (position, b) in config.backends.iter().enumerate() {
-            let mut backend = Backend::new_with_weight(&b.address.to_string(), b.weight)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            backend.weight = b.weight;
-            set.insert(backend);
+            if let Ok(mut backend) = Backend::new_with_weight(&b.address.to_string(), b.weight) {
+                backend.weight = b.weight;
+                set.insert(backend);
+            }
             let state = Arc::new(BackendState {
                 address: b.address,
                 weight: b.weight,
@@ -146,6 +296,7 @@ impl Pool {
                 response_time_us: AtomicU64::new(0),
                 position,
                 engine: EngineLoad::default(),
+                ejection: Ejection::default(),
             });
             ordered.push(state.clone());
             states.insert(b.address, state);
@@ -172,14 +323,30 @@ impl Pool {
             | Balance::LoadAware
             | Balance::PrefixAware => Selector::RoundRobin(LoadBalancer::from_backends(backends())),
         };
-        Ok(Pool {
+        Pool {
             config,
             selector,
             states,
             ordered,
             rr_offset: AtomicUsize::new(0),
             prefix,
-        })
+            me,
+            queue: Mutex::new(WaitList::default()),
+            waiting: AtomicUsize::new(0),
+            queue_dispatched: AtomicU64::new(0),
+            queue_rejected_full: AtomicU64::new(0),
+            queue_timed_out: AtomicU64::new(0),
+            queue_abandoned: AtomicU64::new(0),
+            queue_wait_us: AtomicU64::new(0),
+            retry_tokens: AtomicU64::new(if config_retry_budget > 0.0 {
+                RETRY_TOKENS_START
+            } else {
+                0
+            }),
+            retries: AtomicU64::new(0),
+            retries_denied: AtomicU64::new(0),
+            drain: Mutex::new((Instant::now(), 0, 0.0)),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -261,11 +428,27 @@ impl Pool {
 
     /// Pick a serving backend not in `exclude` by the pool's policy.
     pub fn pick(&self, hints: &Hints<'_>, exclude: &[SocketAddr]) -> Option<Picked> {
+        let mut skip: Vec<SocketAddr> = exclude.to_vec();
+        // a half-open backend's probe slot can be won by another request
+        // between the choice and the claim: choose again without it
+        for _ in 0..self.ordered.len().max(1) {
+            let picked = self.choose(hints, &skip)?;
+            if picked.guard.state.ejection.claim() {
+                return Some(picked);
+            }
+            skip.push(picked.guard.state.address);
+        }
+        None
+    }
+
+    fn choose(&self, hints: &Hints<'_>, exclude: &[SocketAddr]) -> Option<Picked> {
         let accept = |b: &Backend, healthy: bool| {
             let Some(addr) = b.addr.as_inet() else {
                 return false;
             };
-            healthy && !exclude.contains(addr) && self.is_checked(addr)
+            healthy
+                && !exclude.contains(addr)
+                && self.states.get(addr).is_some_and(|s| self.admits(s))
         };
         let tries = self.ordered.len().max(1) * 4;
         let mut decision = None;
@@ -310,7 +493,11 @@ impl Pool {
         state.inflight.fetch_add(1, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);
         Some(Picked {
-            guard: InflightGuard(state),
+            guard: InflightGuard {
+                state,
+                pool: self.me.clone(),
+                pump: true,
+            },
             decision,
             matched_bytes,
         })
@@ -338,7 +525,7 @@ impl Pool {
             };
             let preferred = preferred.or_else(|| {
                 let state = self.ordered.get(found.session?)?;
-                let usable = !exclude.contains(&state.address) && self.is_serving(&state.address);
+                let usable = !exclude.contains(&state.address) && self.admits(state);
                 usable.then(|| (state, self.load(state), Decision::Session, 0))
             });
             let (state, decision, blocks) = match preferred {
@@ -385,7 +572,7 @@ impl Pool {
         for i in 0..n {
             let state = &self.ordered[(start + i) % n];
             let in_mask = state.position >= MAX_BACKENDS || among & (1u64 << state.position) != 0;
-            if !in_mask || exclude.contains(&state.address) || !self.is_serving(&state.address) {
+            if !in_mask || exclude.contains(&state.address) || !self.admits(state) {
                 continue;
             }
             let load = self.load(state);
@@ -405,10 +592,256 @@ impl Pool {
         self.prefix.as_deref()
     }
 
-    fn is_checked(&self, addr: &SocketAddr) -> bool {
-        self.states
-            .get(addr)
-            .is_some_and(|s| s.checked_ok.load(Ordering::Relaxed))
+    /// Whether a request may go to this backend now: serving (checked and
+    /// healthy), not ejected, and not saturated.
+    fn admits(&self, state: &BackendState) -> bool {
+        self.is_serving(&state.address) && state.ejection.admits() && !self.saturated(state)
+    }
+
+    /// At `max_inflight`, or its engine reports more than
+    /// `queue.max_engine_waiting` waiting requests.
+    pub fn saturated(&self, state: &BackendState) -> bool {
+        if self
+            .config
+            .max_inflight
+            .is_some_and(|max| state.inflight.load(Ordering::Relaxed) >= max)
+        {
+            return true;
+        }
+        let Some(limit) = self.config.queue.max_engine_waiting else {
+            return false;
+        };
+        let max_age = self.config.engine_metrics.interval * 3 + self.config.engine_metrics.timeout;
+        state
+            .engine
+            .fresh(max_age)
+            .and_then(|s| s.signals.waiting)
+            .is_some_and(|waiting| waiting > limit)
+    }
+
+    /// Whether this pool queues requests when its backends are saturated.
+    pub fn queues(&self) -> bool {
+        self.config.max_inflight.is_some() || self.config.queue.max_engine_waiting.is_some()
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn queue_len(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// A backend for the request now, or a place in the queue when every
+    /// serving backend is saturated (pools with `max_inflight` or
+    /// `queue.max_engine_waiting`), or a refusal.
+    pub fn dispatch(
+        &self,
+        hints: &Hints<'_>,
+        want: impl FnOnce() -> Want,
+        who: Principal,
+    ) -> Result<Dispatch, Refusal> {
+        self.earn_retry_token();
+        if !self.queues() {
+            return self
+                .pick(hints, &[])
+                .map(Dispatch::Now)
+                .ok_or(Refusal::NoBackend);
+        }
+        let mut queue = self.lock_queue();
+        if queue.is_empty() {
+            if let Some(picked) = self.pick(hints, &[]) {
+                return Ok(Dispatch::Now(picked));
+            }
+        }
+        let any_up = self.ordered.iter().any(|s| {
+            self.is_serving(&s.address)
+                && !matches!(s.ejection.status(), super::eject::Status::Ejected)
+        });
+        if !any_up {
+            return Err(Refusal::NoBackend);
+        }
+        if queue.len() >= self.config.queue.max_len {
+            drop(queue);
+            self.queue_rejected_full.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::QueueFull {
+                retry_after: self.retry_after(),
+            });
+        }
+        let Some(pool) = self.me.upgrade() else {
+            return Err(Refusal::NoBackend);
+        };
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        let id = queue.push(
+            who.key,
+            who.share.priority,
+            who.share.weight,
+            now,
+            Waiting {
+                want: want(),
+                grant: tx,
+            },
+        );
+        self.waiting.store(queue.len(), Ordering::Relaxed);
+        drop(queue);
+        // a slot may have freed between the failed pick and the push
+        self.pump();
+        Ok(Dispatch::Wait(Ticket {
+            pool,
+            id,
+            rx,
+            since: now,
+        }))
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, WaitList<Waiting>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Take a request out of the queue; false when it was not there (it was
+    /// dispatched, or already left).
+    fn leave(&self, id: u64) -> bool {
+        let mut queue = self.lock_queue();
+        let removed = queue.remove(id).is_some();
+        self.waiting.store(queue.len(), Ordering::Relaxed);
+        removed
+    }
+
+    /// Hand free backend slots to waiting requests, best first, while there
+    /// are both. Called when a slot frees, a scrape lands, and on a timer.
+    pub fn pump(&self) {
+        let aging = self.config.queue.aging;
+        loop {
+            let mut undelivered = Vec::new();
+            {
+                let mut queue = self.lock_queue();
+                while let Some(id) = queue.next(Instant::now(), aging).map(|e| e.id) {
+                    let picked = match queue.next(Instant::now(), aging) {
+                        Some(entry) => self.pick(&entry.item.want.hints(), &[]),
+                        None => None,
+                    };
+                    let Some(mut picked) = picked else { break };
+                    let Some(entry) = queue.take(id) else {
+                        picked.guard.pump = false; // dropped under the lock
+                        break;
+                    };
+                    self.queue_dispatched.fetch_add(1, Ordering::Relaxed);
+                    let waited =
+                        u64::try_from(entry.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
+                    if let Err(mut back) = entry.item.grant.send(picked) {
+                        // the waiter is gone: free the slot after the lock,
+                        // without re-entering this pump from the guard's drop
+                        back.guard.pump = false;
+                        picked = back;
+                        undelivered.push(picked);
+                    }
+                }
+                self.waiting.store(queue.len(), Ordering::Relaxed);
+            }
+            if undelivered.is_empty() {
+                return;
+            }
+            drop(undelivered); // slots freed: try again
+        }
+    }
+
+    /// Seconds a refused client should wait: the queue ahead of it at the
+    /// measured drain rate (completions per second), 1–60.
+    pub fn retry_after(&self) -> u32 {
+        let ahead = self.queue_len() as f64 + 1.0;
+        let rate = self.drain_rate();
+        let secs = if rate > 0.0 {
+            ahead / rate
+        } else {
+            self.config.queue.max_wait.as_secs_f64()
+        };
+        secs.ceil().clamp(1.0, 60.0) as u32
+    }
+
+    /// Completions per second, measured over the last second or more.
+    pub fn drain_rate(&self) -> f64 {
+        let completed: u64 = self
+            .ordered
+            .iter()
+            .map(|s| {
+                s.requests
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(s.inflight.load(Ordering::Relaxed) as u64)
+            })
+            .sum();
+        let mut drain = self
+            .drain
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (since, before, rate) = *drain;
+        let elapsed = since.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let now_rate = completed.saturating_sub(before) as f64 / elapsed;
+            let smoothed = if rate == 0.0 {
+                now_rate
+            } else {
+                0.5 * rate + 0.5 * now_rate
+            };
+            *drain = (Instant::now(), completed, smoothed);
+            return smoothed;
+        }
+        rate
+    }
+
+    /// Outlier detection: record an exchange's outcome; ejects the backend
+    /// when it failed enough in a row and the pool can spare it.
+    pub fn record_outcome(&self, state: &BackendState, outcome: Outcome) {
+        let config = &self.config.ejection;
+        if !config.enabled {
+            return;
+        }
+        let serving: Vec<&Arc<BackendState>> = self.serving_backends().collect();
+        let ejected = serving
+            .iter()
+            .filter(|s| s.address != state.address && !s.ejection.admits())
+            .count();
+        let left = serving.len().saturating_sub(ejected + 1);
+        let may_eject =
+            left >= 1 && (ejected + 1) * 100 <= serving.len() * config.max_ejected_percent as usize;
+        if state.ejection.record(outcome, config, may_eject) {
+            log::warn!(
+                "backend {} of pool {} ejected for {} ms after consecutive failures",
+                state.address,
+                self.name(),
+                state.ejection.remaining().as_millis()
+            );
+        }
+    }
+
+    /// Every request earns `retry_budget` of a retry (capped); a retry
+    /// spends one.
+    fn earn_retry_token(&self) {
+        let earn = (self.config.retry_budget * 1000.0) as u64;
+        if earn == 0 {
+            return;
+        }
+        let _ = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t < RETRY_TOKENS_MAX).then(|| (t + earn).min(RETRY_TOKENS_MAX))
+            });
+    }
+
+    /// Spend a retry from the budget; false when it is exhausted.
+    pub fn take_retry(&self) -> bool {
+        let taken = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                t.checked_sub(1000)
+            })
+            .is_ok();
+        if taken {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.retries_denied.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
     }
 
     /// Fewest in-flight requests per unit of weight; ties rotate.
@@ -421,7 +854,7 @@ impl Pool {
         let mut best: Option<(&Arc<BackendState>, u128)> = None;
         for i in 0..n {
             let state = &self.ordered[(start + i) % n];
-            if exclude.contains(&state.address) || !self.is_serving(&state.address) {
+            if exclude.contains(&state.address) || !self.admits(state) {
                 continue;
             }
             // compare inflight/weight without division: scale by the product of weights

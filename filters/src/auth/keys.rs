@@ -12,8 +12,8 @@
 //! file holds no usable secret. `role` defaults to `user`, `enabled` to true;
 //! `quota`, `models` and `limits` are optional.
 
-use super::{check_limits, redact_quoted, sha256};
-use crate::{Identity, LimitSpec, Role};
+use super::{check_limits, redact_quoted, sha256, share};
+use crate::{Identity, LimitSpec, Priority, Role};
 use rand::Rng;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -45,6 +45,10 @@ struct KeyEntry {
     models: Option<Vec<String>>,
     #[serde(default)]
     limits: Option<LimitSpec>,
+    #[serde(default)]
+    priority: Option<Priority>,
+    #[serde(default)]
+    weight: Option<u32>,
 }
 
 fn user_role() -> Role {
@@ -138,6 +142,7 @@ impl KeyTable {
                 models: entry.models,
                 limits: entry.limits.unwrap_or_default(),
                 quota: entry.quota,
+                share: share(entry.priority, entry.weight).map_err(at)?,
             };
             by_digest.insert(
                 digest,

@@ -34,7 +34,10 @@ mod watch;
 pub use keys::new_api_key;
 pub use users::{add_user, hash_password, UserSummary};
 
-use crate::{Access, Filter, FilterState, Flow, Identity, LimitSpec, Rejection, Request, Role};
+use crate::{
+    Access, Filter, FilterState, Flow, Identity, LimitSpec, Priority, Rejection, Request, Role,
+    Share, MAX_SHARE_WEIGHT,
+};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -240,6 +243,18 @@ impl JwtConfig {
 }
 
 /// Reject limits the limiter cannot use (`what` names the entry).
+/// A key's or user's queue share from its `priority` and `weight`.
+pub(crate) fn share(priority: Option<Priority>, weight: Option<u32>) -> Result<Share, String> {
+    let weight = weight.unwrap_or(1);
+    if !(1..=MAX_SHARE_WEIGHT).contains(&weight) {
+        return Err(format!("`weight` must be between 1 and {MAX_SHARE_WEIGHT}"));
+    }
+    Ok(Share {
+        priority: priority.map_or(Priority::NORMAL, |p| p.0),
+        weight,
+    })
+}
+
 pub(crate) fn check_limits(limits: &LimitSpec) -> Result<(), String> {
     if let Some(rps) = limits.requests_per_second {
         if !rps.is_finite() || rps <= 0.0 {

@@ -14,7 +14,7 @@
 //! ```
 
 use super::{check_limits, redact_quoted};
-use crate::{Identity, LimitSpec, Role};
+use crate::{Identity, LimitSpec, Priority, Role};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use rand::Rng;
@@ -49,6 +49,10 @@ struct UserEntry {
     limits: Option<LimitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     quota: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    priority: Option<Priority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
 }
 
 fn one() -> u64 {
@@ -154,6 +158,7 @@ fn parse_entries(bytes: &[u8], file: &Path) -> Result<Vec<UserEntry>, String> {
         if let Some(limits) = &entry.limits {
             check_limits(limits).map_err(at)?;
         }
+        super::share(entry.priority, entry.weight).map_err(at)?;
         if let Some(first) = ids.insert(entry.user_id, i) {
             return Err(at(format!(
                 "user_id {} is also used by users[{first}]",
@@ -190,6 +195,7 @@ impl UserTable {
                 models: e.models,
                 limits: e.limits.unwrap_or_default(),
                 quota: e.quota,
+                share: super::share(e.priority, e.weight).unwrap_or_default(),
             };
             table.by_email.insert(normalize_email(&e.email), e.user_id);
             table.by_id.insert(
@@ -322,6 +328,8 @@ pub fn add_user(
                 models: None,
                 limits: None,
                 quota: None,
+                priority: None,
+                weight: None,
             };
             let summary = summary_of(&entry, true);
             entries.push(entry);

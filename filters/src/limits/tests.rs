@@ -31,6 +31,7 @@ fn key(id: &str) -> Identity {
         models: None,
         limits: LimitSpec::default(),
         quota: None,
+        share: Default::default(),
     }
 }
 

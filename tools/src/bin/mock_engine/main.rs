@@ -17,7 +17,6 @@ mod validate;
 mod wire;
 mod ws;
 
-use std::convert::Infallible;
 use std::error::Error;
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -29,9 +28,11 @@ use clap::Parser;
 use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::body::MockBody;
 use crate::state::{Config, Engine, State};
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -246,7 +247,21 @@ fn spawn_connection(state: Arc<State>, stream: TcpStream) {
         let _guard = ConnGuard(state.clone());
         let svc = service_fn(move |req| {
             let st = state.clone();
-            async move { Ok::<_, Infallible>(router::handle(st, req).await) }
+            async move {
+                let inference = matches!(
+                    request::route(req.method(), req.uri().path()),
+                    request::Route::Inference(_)
+                );
+                if inference && st.reset_inference.load(Ordering::Relaxed) {
+                    // `POST /mock/fault {"reset": true}`: close the connection
+                    // before any response byte, as an engine that crashed
+                    st.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    return Err::<Response<MockBody>, std::io::Error>(std::io::Error::other(
+                        "reset by /mock/fault",
+                    ));
+                }
+                Ok(router::handle(st, req).await)
+            }
         });
         let mut builder = http1::Builder::new();
         builder.keep_alive(true);

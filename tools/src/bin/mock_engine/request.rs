@@ -18,6 +18,7 @@ pub enum Route {
     Health,
     Metrics,
     MockHealth,
+    MockFault,
     MockStats,
     MockLastRequest,
     /// vLLM's runtime LoRA endpoints.
@@ -32,6 +33,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/health" => (Route::Health, Method::GET),
         "/metrics" => (Route::Metrics, Method::GET),
         "/mock/health" => (Route::MockHealth, Method::POST),
+        "/mock/fault" => (Route::MockFault, Method::POST),
         "/mock/stats" => (Route::MockStats, Method::GET),
         "/mock/last-request" => (Route::MockLastRequest, Method::GET),
         "/v1/load_lora_adapter" => (Route::LoadLora, Method::POST),

@@ -149,6 +149,48 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<MockB
                 ),
             }
         }
+        (Route::MockFault, _) => {
+            let v: Value = received
+                .as_ref()
+                .and_then(|r| serde_json::from_slice(&r.data).ok())
+                .unwrap_or(Value::Null);
+            let status = match v.get("fail_status") {
+                None => Ok(None),
+                Some(Value::Null) => Ok(Some(0)),
+                Some(s) => s
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| (400..600).contains(n))
+                    .map(Some)
+                    .ok_or(()),
+            };
+            let reset = v.get("reset").map(|r| r.as_bool().ok_or(()));
+            match (status, reset.transpose()) {
+                (Ok(status), Ok(reset)) if v.is_object() => {
+                    if let Some(code) = status {
+                        state.fail_status.store(code, Ordering::Relaxed);
+                    }
+                    if let Some(r) = reset {
+                        state.reset_inference.store(r, Ordering::Relaxed);
+                    }
+                    log::info!("fault injection now {v}");
+                    json_response(
+                        StatusCode::OK,
+                        &json!({
+                            "fail_status": match state.fail_status.load(Ordering::Relaxed) { 0 => Value::Null, n => json!(n) },
+                            "reset": state.reset_inference.load(Ordering::Relaxed),
+                        }),
+                    )
+                }
+                _ => error_response(
+                    StatusCode::BAD_REQUEST,
+                    "expected {\"fail_status\": 400-599|null, \"reset\": true|false}",
+                    "BadRequestError",
+                    None,
+                    flat,
+                ),
+            }
+        }
         (Route::MockStats, _) => json_response(StatusCode::OK, &state.stats_json()),
         (Route::LoadLora, _) | (Route::UnloadLora, _) => {
             let load = matches!(route, Route::LoadLora);

@@ -115,6 +115,10 @@ pub struct State {
     pub models: Vec<ModelStats>,
     pub counters: Counters,
     pub healthy: AtomicBool,
+    /// `POST /mock/fault`: fail every inference request with this status
+    /// (0: off), or close its connection before answering.
+    pub fail_status: std::sync::atomic::AtomicU16,
+    pub reset_inference: AtomicBool,
     pub errors: Option<Mutex<ErrorInjector>>,
     pub last_request: Mutex<Option<LastRequest>>,
     /// LoRA adapters loaded at runtime: adapter name → base model index.
@@ -149,6 +153,8 @@ impl State {
             models,
             counters: Counters::default(),
             healthy: AtomicBool::new(healthy),
+            fail_status: std::sync::atomic::AtomicU16::new(0),
+            reset_inference: AtomicBool::new(false),
             errors,
             last_request: Mutex::new(None),
             loras: Mutex::new(Vec::new()),
@@ -197,6 +203,10 @@ impl State {
 
     /// Status code to fail this request with, if failure injection says so.
     pub fn injected_failure(&self) -> Option<u16> {
+        let runtime = self.fail_status.load(Ordering::Relaxed);
+        if runtime != 0 {
+            return Some(runtime);
+        }
         match &self.errors {
             Some(inj) => {
                 let mut guard = inj.lock().unwrap_or_else(|e| e.into_inner());
