@@ -5,7 +5,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
 .PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
-	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing
+	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing \
+	bench-engine-routing
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
@@ -96,6 +97,12 @@ bench: setup-test build
 ## bench-SCENARIO: one scenario of the ladder (throughput latency streaming open-streams body-size routing)
 bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size: setup-test build
 	load-tests/ladder.py $(patsubst bench-%,%,$@)
+
+## bench-engine-routing: engine-aware routing (issue #14), ~3 min: every balance policy over 4 mock engines with a
+## scheduler and a prefix cache: multi-turn conversations (TTFT, cached share), a pool with one slow engine, the
+## gateway's CPU per request; writes load-tests/results/engine-routing-<UTC>.json and .md (load-tests/README.md)
+bench-engine-routing: setup-test build
+	load-tests/engine_routing.py
 
 ## bench-routing: the Criterion micro-benchmark of routing and body inspection alone
 bench-routing:
