@@ -87,8 +87,7 @@ pub async fn forward(
             app,
             ctx,
             pool,
-            &request,
-            &body,
+            (&request, &body),
             &hints,
             &mut tried,
             next.take(),
@@ -214,14 +213,14 @@ async fn acquire_slot(
     };
     ctx.queued = true;
     let started = Instant::now();
-    if ctx.stream && !ctx.sse_started {
-        if super::respond::write_sse_header(session, ctx)
+    if ctx.stream
+        && !ctx.sse_started
+        && super::respond::write_sse_header(session, ctx)
             .await
             .is_err()
-        {
-            ctx.client_gone = true;
-            return Ok(None);
-        }
+    {
+        ctx.client_gone = true;
+        return Ok(None);
     }
     // the first tick is immediate: a streaming client hears `: queued` at once
     let mut tick = tokio::time::interval(super::QUEUE_KEEPALIVE);
@@ -402,8 +401,7 @@ async fn send_request(
     app: &AppState,
     ctx: &mut RequestCtx,
     pool: &Pool,
-    request: &RequestHeader,
-    body: &Bytes,
+    (request, body): (&RequestHeader, &Bytes),
     hints: &Hints<'_>,
     tried: &mut Vec<SocketAddr>,
     mut first: Option<Picked>,

@@ -10,7 +10,7 @@ The first line on stdout is the bound address alone, e.g. `127.0.0.1:43125`
 
 usage: xllamacpp_serve.py MODEL.gguf [--host 127.0.0.1] [--port 0]
                           [--alias tiny-qwen2] [--ctx 4096] [--parallel 2]
-                          [--threads 2] [--embedding] [--pooling mean]
+                          [--threads 2] [--embedding] [--pooling mean] [--n-predict N]
                           [--exit-on-stdin-eof]
 """
 import argparse
@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--embedding", action="store_true")
     ap.add_argument("--pooling", default=None, choices=[None, "none", "mean", "cls", "last"])
     ap.add_argument("--exit-on-stdin-eof", action="store_true")
+    ap.add_argument("--n-predict", type=int, default=-1,
+                    help="tokens generated per request unless it says (-1: until EOS or the context ends)")
     a = ap.parse_args()
 
     p = xlc.CommonParams()
@@ -59,6 +61,7 @@ def main():
     p.n_parallel = a.parallel
     p.cpuparams.n_threads = a.threads
     p.cpuparams_batch.n_threads = a.threads
+    p.n_predict = a.n_predict
     p.endpoint_metrics = True
     p.endpoint_props = True
     p.endpoint_slots = True
