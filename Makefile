@@ -6,7 +6,7 @@ CARGO ?= cargo
 
 .PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
 	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing \
-	bench-engine-routing
+	bench-engine-routing bench-engine-routing-real
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
@@ -103,6 +103,13 @@ bench-throughput bench-latency bench-streaming bench-open-streams bench-body-siz
 ## gateway's CPU per request; writes load-tests/results/engine-routing-<UTC>.json and .md (load-tests/README.md)
 bench-engine-routing: setup-test build
 	load-tests/engine_routing.py
+
+## bench-engine-routing-real: round_robin vs prefix_aware over two real llama.cpp servers (xllamacpp, the
+## real-engine suite's set-up plus a 362 MB random-weight Qwen2 made once), ~2 min; writes
+## load-tests/results/engine-routing-real-<UTC>.json and .md
+bench-engine-routing-real: setup-test build
+	tests/real-engine/setup.sh
+	load-tests/engine_routing_real.py
 
 ## bench-routing: the Criterion micro-benchmark of routing and body inspection alone
 bench-routing:
