@@ -101,7 +101,7 @@ def main():
         try:
             log(f"{policy}: starting 2 llama.cpp servers and the gateway")
             addrs = start_engines(lab, policy, 2, ctx, args.parallel, args.engine_threads)
-            ns = argparse.Namespace(threads=2, load_threshold=None, engine_interval="250ms")
+            ns = argparse.Namespace(threads=2, load_threshold=4, engine_interval="250ms")
             gw = er.start_gateway(lab, f"gw-{policy}", policy, addrs, ns)
             er.wait_healthy(gw, addrs, policy)
             res, total = er.run_conversations(gw.addr, convs, args.workers)

@@ -97,7 +97,9 @@ impl Ejection {
         }
         match outcome {
             Outcome::Success => {
-                self.failures.store(0, Ordering::Relaxed);
+                if self.failures.load(Ordering::Relaxed) != 0 {
+                    self.failures.store(0, Ordering::Relaxed);
+                }
                 if self.until_ms.load(Ordering::Relaxed) != 0 && self.status() != Status::Ejected {
                     // the half-open probe passed
                     self.until_ms.store(0, Ordering::Relaxed);

@@ -796,6 +796,11 @@ impl Pool {
         if !config.enabled {
             return;
         }
+        if outcome == Outcome::Success {
+            // the common case: no scan of the pool
+            state.ejection.record(outcome, config, false);
+            return;
+        }
         let serving: Vec<&Arc<BackendState>> = self.serving_backends().collect();
         let ejected = serving
             .iter()
