@@ -85,6 +85,12 @@ impl KeyTable {
         jwt: bool,
     ) -> Result<(KeyTable, Vec<String>), String> {
         let shown = file.display();
+        // serde reads a struct from an array too: `[[]]` would load as no keys
+        if !bytes.trim_ascii_start().starts_with(b"{") {
+            return Err(format!(
+                "api_keys_file {shown}: the file is not a JSON object; expected {{\"keys\": [{{\"key\": ..., \"user\": ...}}]}}"
+            ));
+        }
         let parsed: KeysFile = serde_json::from_slice(bytes).map_err(|e| {
             format!(
                 "api_keys_file {shown}: {}; expected {{\"keys\": [{{\"key\": ..., \"user\": ...}}]}}",

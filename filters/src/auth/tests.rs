@@ -1394,3 +1394,25 @@ fn watcher_is_off_when_watch_is_false_and_stops_with_auth() {
         Err(mpsc::RecvTimeoutError::Disconnected)
     );
 }
+
+#[test]
+fn files_that_are_not_a_mapping_are_errors_not_empty_tables() {
+    // found by the fuzzer: serde reads a struct from a sequence, so these
+    // loaded as "no keys" / "no users" without a word
+    for text in ["[]", "[[]]", " [[], 1]"] {
+        let err = keys::KeyTable::parse(text.as_bytes(), Path::new("k.json"), false)
+            .err()
+            .unwrap_or_else(|| panic!("{text} loaded"));
+        assert!(err.contains("not a JSON object"), "{err}");
+    }
+    for text in ["[]", "[[]]", "!!x", "- users: []"] {
+        let err = users::UserTable::parse(text.as_bytes(), Path::new("u.yaml"))
+            .err()
+            .unwrap_or_else(|| panic!("{text} loaded"));
+        assert!(err.contains("users_file"), "{err}");
+    }
+    // an empty users file is still an empty table (a fresh install)
+    assert!(users::UserTable::parse(b"", Path::new("u.yaml")).is_ok());
+    assert!(users::UserTable::parse(b"users: []", Path::new("u.yaml")).is_ok());
+    assert!(keys::KeyTable::parse(br#"{"keys": []}"#, Path::new("k.json"), false).is_ok());
+}

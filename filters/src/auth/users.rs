@@ -122,9 +122,23 @@ fn parse_entries(bytes: &[u8], file: &Path) -> Result<Vec<UserEntry>, String> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let parsed: UsersFile = serde_yaml::from_str(text).map_err(|e| {
+    let expected = "expected `users: [{user_id, email, password_hash}]`";
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         format!(
-            "users_file {shown}: {}; expected `users: [{{user_id, email, password_hash}}]`",
+            "users_file {shown}: {}; {expected}",
+            redact_quoted(&e.to_string())
+        )
+    })?;
+    // serde reads a struct from a sequence too: `[]` or `[[]]` would load as
+    // no users at all, silently
+    if !value.is_mapping() {
+        return Err(format!(
+            "users_file {shown}: the file is not a mapping; {expected}"
+        ));
+    }
+    let parsed: UsersFile = serde_yaml::from_value(value).map_err(|e| {
+        format!(
+            "users_file {shown}: {}; {expected}",
             redact_quoted(&e.to_string())
         )
     })?;
