@@ -234,7 +234,7 @@ fn count_content(events: &[u8]) -> u64 {
 /// The `data:` payload of a one-line-data event.
 fn event_data(event: &[u8]) -> Option<&[u8]> {
     let text = event.trim_ascii();
-    for line in text.split(|&b| b == b'\n') {
+    for line in text.split(|&b| b == b'\n' || b == b'\r') {
         let line = line.trim_ascii();
         if let Some(rest) = line.strip_prefix(b"data:") {
             return Some(rest.trim_ascii());
@@ -243,24 +243,46 @@ fn event_data(event: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// End (exclusive) of the first complete event: after a blank line.
+/// End (exclusive) of the first complete event: after a blank line. Lines
+/// end in CRLF, LF or CR, mixed as the SSE spec allows (`\r\n\n`, `\n\r\n`
+/// and `\r\r` end an event too). A CR at the very end is taken as a whole
+/// line ending: if an LF follows in the next chunk, it reads as an empty
+/// line, which SSE ignores.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = find(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    let mut i = 0;
+    let mut line_start = true;
+    while i < buf.len() {
+        match buf[i] {
+            b'\n' | b'\r' => {
+                let len = if buf[i] == b'\r' && buf.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                if line_start {
+                    return Some(i + len);
+                }
+                line_start = true;
+                i += len;
+            }
+            _ => {
+                line_start = false;
+                i += 1;
+            }
+        }
     }
+    None
 }
 
 /// End (exclusive) of the last complete event in `buf`.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    let lf = rfind(buf, b"\n\n").map(|i| i + 2);
-    let crlf = rfind(buf, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
+    let mut end = None;
+    let mut at = 0;
+    while let Some(next) = event_end(&buf[at..]) {
+        at += next;
+        end = Some(at);
     }
+    end
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -372,6 +394,21 @@ mod tests {
             passive.on_chunk(Bytes::copy_from_slice(piece));
         }
         assert_eq!(passive.usage().map(|u| u.prompt_tokens), Some(5));
+    }
+
+    #[test]
+    fn mixed_and_cr_line_endings_end_events_too() {
+        // found by the fuzz target sse_usage: `\r\n\n` and `\r`-only endings
+        let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let content = r#"data: {"choices":[{"delta":{"content":"hi"}}]}"#;
+        for (a, b) in [("\r\n\n", "\n\r\n"), ("\r\r", "\r\r"), ("\n\n", "\r\n\r\n")] {
+            let mut tap = UsageTap::sse(true);
+            let stream = format!("{content}{a}{usage}{b}data: [DONE]{a}");
+            let out = feed(&mut tap, &[&stream[..10], &stream[10..]]);
+            assert_eq!(out, format!("{content}{a}data: [DONE]{a}"), "{a:?} {b:?}");
+            assert_eq!(tap.usage().map(|u| u.completion_tokens), Some(4));
+            assert_eq!(tap.content_events(), 1);
+        }
     }
 
     #[test]
