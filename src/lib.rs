@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod engines;
 pub mod errors;
+pub mod fetch;
 pub mod gpu;
 pub mod health;
 pub mod logging;

@@ -1159,37 +1159,16 @@ fn sanitize(name: &str) -> String {
 
 /// A small JSON POST to an engine's own API: (status, body).
 async fn post_json(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to the engine at {addr}: {e}"))?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("writing to the engine failed: {e}"))?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)
-            .await
-            .map_err(|e| format!("reading the engine's answer failed: {e}"))?;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| "the engine's answer is not HTTP".to_string())?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        Ok((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(120), exchange)
-        .await
-        .map_err(|_| "the engine did not answer within 120 s".to_string())?
+    let (status, answer) = crate::fetch::exchange(
+        "POST",
+        addr,
+        path,
+        Some(body.as_bytes()),
+        Duration::from_secs(120),
+        1024 * 1024,
+    )
+    .await?;
+    Ok((status, String::from_utf8_lossy(&answer).into_owned()))
 }
 
 /// vLLM's adapter API: POST `body` to `path`; anything but 200 is an error
@@ -1216,19 +1195,9 @@ async fn adapter_call(
 
 /// One readiness probe: `GET path` answered 200.
 async fn probe(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 16];
-        let n = s.read(&mut buf).await.ok()?;
-        Some(buf[..n].starts_with(b"HTTP/1.1 200") || buf[..n].starts_with(b"HTTP/1.0 200"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Some(true))
-    )
+    crate::fetch::get(addr, path, Duration::from_secs(2), 1024 * 1024)
+        .await
+        .is_ok()
 }
 
 /// The Pingora background service that preloads, unloads idle engines and

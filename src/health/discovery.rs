@@ -41,14 +41,7 @@ pub async fn refresh(app: &AppState) {
 }
 
 async fn fetch_models(address: SocketAddr, limit: Duration) -> Result<Vec<String>, String> {
-    let body = super::fetch::get(
-        super::fetch::connector(),
-        address,
-        "/v1/models",
-        limit,
-        MAX_MODELS_BODY,
-    )
-    .await?;
+    let body = crate::fetch::get(address, "/v1/models", limit, MAX_MODELS_BODY).await?;
     Ok(parse_model_ids(&body))
 }
 

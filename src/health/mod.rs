@@ -6,7 +6,6 @@
 //! request reads the results, it never waits for a check or a fetch).
 
 mod discovery;
-mod fetch;
 mod scrape;
 
 use crate::routing::Pool;

@@ -23,14 +23,7 @@ pub async fn scrape_pool(pool: &Arc<Pool>) {
         let path = config.path.clone();
         let timeout = config.timeout;
         tasks.spawn(async move {
-            let body = super::fetch::get(
-                super::fetch::connector(),
-                state.address,
-                &path,
-                timeout,
-                MAX_METRICS_BODY,
-            )
-            .await;
+            let body = crate::fetch::get(state.address, &path, timeout, MAX_METRICS_BODY).await;
             let parsed = body.and_then(|b| {
                 let text = String::from_utf8_lossy(&b);
                 signals::parse(&text)
