@@ -63,6 +63,12 @@ pub enum GatewayError {
         max_len: usize,
         retry_after: u32,
     },
+    /// At the queue's measured rate the request would wait past `queue.max_wait`.
+    QueueWouldWait {
+        pool: String,
+        expected: std::time::Duration,
+        retry_after: u32,
+    },
     /// The request waited `queue.max_wait` in the pool's queue.
     QueueTimeout {
         pool: String,
@@ -183,6 +189,8 @@ impl GatewayError {
                 format!("The gateway is overloaded: {detail}. Retry after the time in Retry-After.")),
             E::QueueFull { pool, max_len, .. } => (503, "service_unavailable", "server_overloaded", None,
                 format!("Every engine of pool `{pool}` is busy and {max_len} requests are already waiting (queue.max_len). Retry after the time in Retry-After.")),
+            E::QueueWouldWait { pool, expected, .. } => (503, "service_unavailable", "server_overloaded", None,
+                format!("Every engine of pool `{pool}` is busy and at the rate it serves its queue this request would wait about {:.1} s, longer than queue.max_wait. Retry after the time in Retry-After.", expected.as_secs_f64())),
             E::QueueTimeout { pool, waited, .. } => (503, "service_unavailable", "server_overloaded", None,
                 format!("Every engine of pool `{pool}` stayed busy for the {:.1} s this request waited (queue.max_wait). Retry after the time in Retry-After.", waited.as_secs_f64())),
             E::Engine(e) => {
@@ -201,6 +209,7 @@ impl GatewayError {
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } | E::ShuttingDown => Some(1),
             E::Overloaded { retry_after, .. }
             | E::QueueFull { retry_after, .. }
+            | E::QueueWouldWait { retry_after, .. }
             | E::QueueTimeout { retry_after, .. } => Some((*retry_after).max(1)),
             E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,

@@ -74,6 +74,7 @@ fn reconcile_checks(live: &Live, tasks: &mut PoolTasks) {
                 loop {
                     tick.tick().await;
                     pumped.drain_rate();
+                    pumped.sample_service_rate();
                     if pumped.queue_len() > 0 {
                         pumped.pump();
                     }

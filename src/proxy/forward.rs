@@ -299,6 +299,14 @@ fn refusal_error(pool: &Pool, refusal: Refusal) -> GatewayError {
             max_len: pool.config.queue.max_len,
             retry_after,
         },
+        Refusal::WouldWait {
+            expected,
+            retry_after,
+        } => GatewayError::QueueWouldWait {
+            pool: pool.name().to_string(),
+            expected,
+            retry_after,
+        },
         Refusal::TimedOut {
             waited,
             retry_after,

@@ -871,7 +871,11 @@ async fn fall_back(
             .response_headers
             .push((FALLBACK_HEADER, candidate.clone()));
         match forward::forward(app, session, ctx, &pool, body, prompt).await {
-            Err(e @ (GatewayError::NoHealthyBackend { .. } | GatewayError::QueueFull { .. })) => {
+            Err(
+                e @ (GatewayError::NoHealthyBackend { .. }
+                | GatewayError::QueueFull { .. }
+                | GatewayError::QueueWouldWait { .. }),
+            ) => {
                 last = e;
             }
             other => {
@@ -986,7 +990,9 @@ async fn proxy_to_model(
         Target::Pool(pool) => {
             match forward::forward(app, session, ctx, &pool, body, prompt).await {
                 Err(
-                    e @ (GatewayError::NoHealthyBackend { .. } | GatewayError::QueueFull { .. }),
+                    e @ (GatewayError::NoHealthyBackend { .. }
+                    | GatewayError::QueueFull { .. }
+                    | GatewayError::QueueWouldWait { .. }),
                 ) => {
                     let asked = FallbackFrom {
                         body: original,

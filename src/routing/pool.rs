@@ -99,6 +99,10 @@ pub struct Pool {
     pub retries_denied: AtomicU64,
     /// Drain rate for `Retry-After`: (when, completions then, rate per s).
     drain: Mutex<(Instant, u64, f64)>,
+    /// The queue's own dispatch rate while it stays non-empty (the pool's
+    /// capacity): (when, dispatched then, rate per s; 0 = not known).
+    service: Mutex<(Instant, u64, f64)>,
+    pub queue_shed: AtomicU64,
 }
 
 /// A request waiting in the queue: what the policy needs to pick for it,
@@ -147,6 +151,12 @@ pub enum Refusal {
     NoBackend,
     /// The queue holds `queue.max_len` requests.
     QueueFull { retry_after: u32 },
+    /// At the queue's measured service rate the request would wait longer
+    /// than `queue.max_wait`: refused now rather than after the wait.
+    WouldWait {
+        expected: Duration,
+        retry_after: u32,
+    },
     /// Waited `queue.max_wait` without a slot.
     TimedOut { waited: Duration, retry_after: u32 },
 }
@@ -346,6 +356,8 @@ impl Pool {
             retries: AtomicU64::new(0),
             retries_denied: AtomicU64::new(0),
             drain: Mutex::new((Instant::now(), 0, 0.0)),
+            service: Mutex::new((Instant::now(), 0, 0.0)),
+            queue_shed: AtomicU64::new(0),
         }
     }
 
@@ -665,6 +677,18 @@ impl Pool {
                 retry_after: self.retry_after(),
             });
         }
+        let rate = self.service_rate();
+        if rate > 0.0 {
+            let expected = Duration::from_secs_f64((queue.len() + 1) as f64 / rate);
+            if expected > self.config.queue.max_wait {
+                drop(queue);
+                self.queue_shed.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::WouldWait {
+                    expected,
+                    retry_after: self.retry_after(),
+                });
+            }
+        }
         let Some(pool) = self.me.upgrade() else {
             return Err(Refusal::NoBackend);
         };
@@ -757,6 +781,40 @@ impl Pool {
             self.config.queue.max_wait.as_secs_f64()
         };
         secs.ceil().clamp(1.0, 60.0) as u32
+    }
+
+    /// The queue's dispatches per second over the last second or more in
+    /// which it never ran empty (0 when it did: no saturated measurement).
+    /// Sampled by the pool's queue timer.
+    pub fn sample_service_rate(&self) {
+        let dispatched = self.queue_dispatched.load(Ordering::Relaxed);
+        let waiting = self.queue_len() > 0;
+        let mut service = self
+            .service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !waiting {
+            *service = (Instant::now(), dispatched, 0.0);
+            return;
+        }
+        let (since, before, rate) = *service;
+        let elapsed = since.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            let now_rate = dispatched.saturating_sub(before) as f64 / elapsed;
+            let smoothed = if rate == 0.0 {
+                now_rate
+            } else {
+                0.5 * rate + 0.5 * now_rate
+            };
+            *service = (Instant::now(), dispatched, smoothed);
+        }
+    }
+
+    fn service_rate(&self) -> f64 {
+        self.service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .2
     }
 
     /// Completions per second, measured over the last second or more.

@@ -4,12 +4,14 @@
 //! - Higher priority first. A waiting request gains one level per `aging`
 //!   waited, so low priority is delayed, never starved: a `low` (2) request
 //!   that waited 3 × `aging` competes as `normal` (5).
-//! - Within a level, principals share by weight (start-time fair queueing):
-//!   each request gets a virtual start tag `max(now_virtual, the principal's
-//!   last finish)` and finishes `1 / weight` later; the smallest tag goes
-//!   first. A tenant that floods the queue only pushes its own tags out; a
-//!   tenant with weight 2 gets twice the dispatches of one with weight 1
-//!   while both are backlogged.
+//! - Within a level, principals share by weight (start-time fair queueing,
+//!   tagged at dispatch): a principal's next request starts at
+//!   `max(virtual now, where its last dispatched request finished)` and
+//!   finishes `1 / weight` later; the smallest start goes first, the oldest
+//!   request within a principal. Tags move only when a request is served, so
+//!   a tenant whose flood times out in the queue is not pushed back for
+//!   requests it never got; a tenant with weight 2 gets twice the dispatches
+//!   of one with weight 1 while both are backlogged.
 //!
 //! Pure bookkeeping: no locks, no clocks of its own, no I/O.
 
@@ -22,7 +24,7 @@ pub struct Entry<T> {
     pub id: u64,
     principal: u64,
     priority: u8,
-    start_tag: f64,
+    weight: u32,
     pub since: Instant,
     pub item: T,
 }
@@ -32,7 +34,8 @@ pub struct WaitList<T> {
     entries: Vec<Entry<T>>,
     next_id: u64,
     virtual_now: f64,
-    last_finish: HashMap<u64, f64>,
+    /// Where each waiting principal's last dispatched request finished.
+    served: HashMap<u64, f64>,
 }
 
 impl<T> Default for WaitList<T> {
@@ -41,7 +44,7 @@ impl<T> Default for WaitList<T> {
             entries: Vec::new(),
             next_id: 1,
             virtual_now: 0.0,
-            last_finish: HashMap::new(),
+            served: HashMap::new(),
         }
     }
 }
@@ -64,21 +67,26 @@ impl<T> WaitList<T> {
         now: Instant,
         item: T,
     ) -> u64 {
-        let last = self.last_finish.get(&principal).copied().unwrap_or(0.0);
-        let start_tag = last.max(self.virtual_now);
-        self.last_finish
-            .insert(principal, start_tag + 1.0 / f64::from(weight.max(1)));
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
             id,
             principal,
             priority,
-            start_tag,
+            weight: weight.max(1),
             since: now,
             item,
         });
         id
+    }
+
+    /// The virtual start of `principal`'s next request.
+    fn start_tag(&self, principal: u64) -> f64 {
+        self.served
+            .get(&principal)
+            .copied()
+            .unwrap_or(0.0)
+            .max(self.virtual_now)
     }
 
     /// Take a request out without dispatching it (it left or timed out).
@@ -88,7 +96,7 @@ impl<T> WaitList<T> {
         let principal = entry.principal;
         if !self.entries.iter().any(|e| e.principal == principal) {
             // an idle principal starts again at the virtual now
-            self.last_finish.remove(&principal);
+            self.served.remove(&principal);
         }
         Some(entry)
     }
@@ -103,16 +111,27 @@ impl<T> WaitList<T> {
         self.entries.iter().max_by(|a, b| {
             level(a)
                 .total_cmp(&level(b))
-                .then(b.start_tag.total_cmp(&a.start_tag))
+                .then(
+                    self.start_tag(b.principal)
+                        .total_cmp(&self.start_tag(a.principal)),
+                )
                 .then(b.id.cmp(&a.id))
         })
     }
 
     /// Dispatch the request `id` (the one [`WaitList::next`] named).
     pub fn take(&mut self, id: u64) -> Option<Entry<T>> {
-        let entry = self.remove(id)?;
-        self.virtual_now = self.virtual_now.max(entry.start_tag);
-        Some(entry)
+        let start = self.entries.iter().find(|e| e.id == id).map(|e| {
+            (
+                self.start_tag(e.principal),
+                e.principal,
+                1.0 / f64::from(e.weight),
+            )
+        });
+        let (start, principal, cost) = start?;
+        self.virtual_now = start;
+        self.served.insert(principal, start + cost);
+        self.remove(id)
     }
 }
 
@@ -173,6 +192,21 @@ mod tests {
     }
 
     #[test]
+    fn requests_that_left_unserved_cost_their_principal_nothing() {
+        let now = Instant::now();
+        let mut l = WaitList::default();
+        let flood: Vec<u64> = (0..10).map(|_| l.push(1, 5, 1, now, "a")).collect();
+        for id in &flood[..8] {
+            l.remove(*id); // timed out in the queue
+        }
+        for _ in 0..2 {
+            l.push(2, 5, 1, now, "b");
+        }
+        let order = drain(&mut l, now, Duration::from_secs(60));
+        assert_eq!(order, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
     fn low_priority_ages_into_the_normal_band() {
         let start = Instant::now();
         let mut l = WaitList::default();
@@ -196,6 +230,6 @@ mod tests {
         assert!(l.remove(a).is_none());
         assert_eq!(drain(&mut l, now, Duration::from_secs(1)), ["b"]);
         assert!(l.is_empty());
-        assert!(l.last_finish.len() <= 1);
+        assert!(l.served.is_empty());
     }
 }
