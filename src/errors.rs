@@ -234,7 +234,13 @@ impl GatewayError {
                 | E::ClientTimeout { .. }
                 | E::Overloaded { .. }
         );
-        let log_level = if status >= 500 {
+        // shedding under overload is the gateway doing its job, like a 429:
+        // counted in metrics and the access log, not a warning per request
+        let shed = matches!(
+            self,
+            E::QueueFull { .. } | E::QueueWouldWait { .. } | E::QueueTimeout { .. }
+        );
+        let log_level = if status >= 500 && !shed {
             log::Level::Warn
         } else {
             log::Level::Info

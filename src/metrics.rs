@@ -294,7 +294,7 @@ impl Metrics {
                 Opts::new("infergate_queue_requests_total", "Requests that waited in a pool's queue, by outcome: dispatched, full (queue.max_len: refused at once), shed (refused at once: the measured rate says it would wait past queue.max_wait), timed_out, abandoned (the client left)."),
                 &["pool", "outcome"])),
             retries: register!(registry, IntCounterVec::new(
-                Opts::new("infergate_retries_total", "Requests retried on another backend before any byte reached the client, by reason (status_502, status_503, reset)."),
+                Opts::new("infergate_retries_total", "Requests retried on another backend before any byte reached the client, by reason (connect, status_502, status_503, reset)."),
                 &["pool", "reason"])),
             retries_denied: register!(registry, IntCounterVec::new(
                 Opts::new("infergate_retry_budget_exhausted_total", "Retries not made because the pool's retry budget was spent."),

@@ -484,6 +484,53 @@ fn a_failing_backend_is_ejected_then_let_back_through_a_probe() {
 }
 
 #[test]
+fn a_probe_whose_client_leaves_does_not_keep_the_backend_out() {
+    // e0 answers slowly (1.5 s), so a client can leave while its request
+    // is e0's half-open probe
+    let slow = mock(&["--model", "tiny-chat", "--ttft-ms", "1500"]);
+    let fast = mock(&["--model", "tiny-chat"]);
+    let addrs = [slow.addr, fast.addr];
+    let gw = gateway(&one_pool(
+        &addrs,
+        "    retries: 0\n    ejection: { consecutive_failures: 1, base_time: 300ms, max_time: 300ms }\n",
+        "",
+    ));
+    wait_healthy(&gw, 2);
+    let base = gw.url("");
+    post_fault(&slow, json!({"fail_status": 500}));
+    wait_until(Duration::from_secs(10), "e0 to be ejected", || {
+        chat(&base, "", &hello());
+        service(&gw, slow.addr)["ejected"] == true
+    });
+    post_fault(&slow, json!({"fail_status": null}));
+    wait_until(Duration::from_secs(10), "the ejection to end", || {
+        service(&gw, slow.addr)["ejected_for_seconds"] == 0.0
+    });
+    // the probe: a client that gives up after 300 ms, long before e0 answers
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let before = stats(&slow)["requests"].as_u64().unwrap();
+    wait_until(Duration::from_secs(10), "a probe to reach e0", || {
+        let _ = impatient
+            .post(format!("{base}/v1/chat/completions"))
+            .body(hello().to_string())
+            .send();
+        stats(&slow)["requests"].as_u64().unwrap() > before
+    });
+    // its client left without an answer: the next request may probe again,
+    // and e0's answer brings it back (it would stay out forever if the
+    // abandoned probe kept the half-open slot)
+    let after_probe = stats(&slow)["requests"].as_u64().unwrap();
+    wait_until(Duration::from_secs(20), "e0 to take traffic again", || {
+        assert_eq!(chat(&base, "", &hello()).status(), 200);
+        stats(&slow)["requests"].as_u64().unwrap() > after_probe
+            && service(&gw, slow.addr)["ejected"] == false
+    });
+}
+
+#[test]
 fn ejection_never_takes_the_pool_below_its_panic_threshold() {
     let engines: Vec<Proc> = (0..2)
         .map(|_| mock(&["--model", "tiny-chat", "--fail-status", "500"]))

@@ -423,6 +423,12 @@ async fn send_request(
             None => match pool.pick(hints, tried) {
                 Some(picked) => {
                     note_pick(app, pool, &picked);
+                    if connects > 0 {
+                        // failover after a refused connect: the engine saw
+                        // nothing, so no retry budget is spent, but it counts
+                        ctx.retries += 1;
+                        app.metrics.count_retry(pool.name(), "connect");
+                    }
                     picked
                 }
                 None => break,

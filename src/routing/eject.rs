@@ -40,6 +40,14 @@ pub struct Ejection {
     pub total: AtomicU64,
 }
 
+/// How a request holds a backend it was picked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Normal,
+    /// The one half-open probe: its outcome decides the backend's fate.
+    Probe,
+}
+
 /// What one exchange with a backend said about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -71,15 +79,27 @@ impl Ejection {
     }
 
     /// The request just picked for this backend: in half-open, it becomes
-    /// the probe. False when another request won the probe.
-    pub fn claim(&self) -> bool {
+    /// the probe. `None` when the backend is ejected or another request won
+    /// the probe.
+    pub fn claim(&self) -> Option<Claim> {
         match self.status() {
-            Status::Normal => true,
-            Status::Ejected => false,
+            Status::Normal => Some(Claim::Normal),
+            Status::Ejected => None,
             Status::HalfOpen { .. } => self
                 .probing
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok(),
+                .is_ok()
+                .then_some(Claim::Probe),
+        }
+    }
+
+    /// A probe that ended without an outcome (its client left, a retry
+    /// budget refused it, the queue could not hand it over): let the next
+    /// request probe instead. Without this the backend would stay half-open
+    /// with a probe "in flight" forever.
+    pub fn release_probe(&self) {
+        if matches!(self.status(), Status::HalfOpen { probing: true }) {
+            self.probing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -187,8 +207,12 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(e.status(), Status::HalfOpen { probing: false });
-        assert!(e.claim(), "the first request is the probe");
-        assert!(!e.claim(), "only one probe at a time");
+        assert_eq!(
+            e.claim(),
+            Some(Claim::Probe),
+            "the first request is the probe"
+        );
+        assert_eq!(e.claim(), None, "only one probe at a time");
         assert!(!e.admits());
         assert!(
             e.record(Outcome::Failure, &c, false),
@@ -198,9 +222,27 @@ mod tests {
         while e.status() == Status::Ejected && Instant::now() < deadline {
             std::thread::yield_now();
         }
-        assert!(e.claim());
+        assert_eq!(e.claim(), Some(Claim::Probe));
         assert!(!e.record(Outcome::Success, &c, true));
         assert_eq!(e.status(), Status::Normal, "a passing probe restores it");
         assert_eq!(e.total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_probe_that_ends_without_an_outcome_frees_the_probe_slot() {
+        let e = Ejection::default();
+        let c = config(1);
+        for _ in 0..3 {
+            e.record(Outcome::Failure, &c, true);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while e.status() == Status::Ejected && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(e.claim(), Some(Claim::Probe));
+        assert!(!e.admits(), "the probe is in flight");
+        e.release_probe();
+        assert_eq!(e.status(), Status::HalfOpen { probing: false });
+        assert_eq!(e.claim(), Some(Claim::Probe), "the next request probes");
     }
 }

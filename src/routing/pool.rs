@@ -7,7 +7,7 @@
 //! per-backend in-flight counters, and the engine-aware policies
 //! (`load_aware`, `prefix_aware`: docs/routing.md).
 
-use super::eject::{Ejection, Outcome};
+use super::eject::{Claim, Ejection, Outcome};
 use super::load::{self, EngineLoad};
 use super::prefix::{PrefixIndex, PromptKey, MAX_BACKENDS};
 use super::queue::WaitList;
@@ -249,6 +249,9 @@ pub struct InflightGuard {
     pool: Weak<Pool>,
     /// Wake the queue on drop (off for a grant the queue could not hand over).
     pump: bool,
+    /// This request is a half-open backend's probe and has not yet recorded
+    /// an outcome: dropping it unrecorded lets another request probe.
+    probe: AtomicBool,
 }
 
 impl InflightGuard {
@@ -258,6 +261,7 @@ impl InflightGuard {
 
     /// Record what the exchange said about the backend (outlier detection).
     pub fn record(&self, outcome: Outcome) {
+        self.probe.store(false, Ordering::Relaxed);
         if let Some(pool) = self.pool.upgrade() {
             pool.record_outcome(&self.state, outcome);
         }
@@ -267,6 +271,9 @@ impl InflightGuard {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.state.inflight.fetch_sub(1, Ordering::Relaxed);
+        if *self.probe.get_mut() {
+            self.state.ejection.release_probe();
+        }
         if self.pump {
             if let Some(pool) = self.pool.upgrade() {
                 if pool.waiting.load(Ordering::Relaxed) > 0 {
@@ -445,7 +452,11 @@ impl Pool {
         // between the choice and the claim: choose again without it
         for _ in 0..self.ordered.len().max(1) {
             let picked = self.choose(hints, &skip)?;
-            if picked.guard.state.ejection.claim() {
+            if let Some(claim) = picked.guard.state.ejection.claim() {
+                picked
+                    .guard
+                    .probe
+                    .store(claim == Claim::Probe, Ordering::Relaxed);
                 return Some(picked);
             }
             skip.push(picked.guard.state.address);
@@ -509,6 +520,7 @@ impl Pool {
                 state,
                 pool: self.me.clone(),
                 pump: true,
+                probe: AtomicBool::new(false),
             },
             decision,
             matched_bytes,
@@ -679,7 +691,15 @@ impl Pool {
         }
         let rate = self.service_rate();
         if rate > 0.0 {
-            let expected = Duration::from_secs_f64((queue.len() + 1) as f64 / rate);
+            let share = who.share;
+            let ahead = queue.ahead_of(
+                who.key,
+                share.priority,
+                share.weight,
+                Instant::now(),
+                self.config.queue.aging,
+            );
+            let expected = Duration::from_secs_f64((ahead + 1) as f64 / rate);
             if expected > self.config.queue.max_wait {
                 drop(queue);
                 self.queue_shed.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,8 @@
 //! frees (docs/flow-control.md).
 //!
 //! - Higher priority first. A waiting request gains one level per `aging`
-//!   waited, so low priority is delayed, never starved: a `low` (2) request
+//!   waited, against requests of other priorities (never within its own),
+//!   so low priority is delayed, never starved: a `low` (2) request
 //!   that waited 3 × `aging` competes as `normal` (5).
 //! - Within a level, principals share by weight (start-time fair queueing,
 //!   tagged at dispatch): a principal's next request starts at
@@ -89,6 +90,42 @@ impl<T> WaitList<T> {
             .max(self.virtual_now)
     }
 
+    /// About how many waiting requests a new request of `principal` (at
+    /// `priority`, with `weight`) would wait behind: every request at a
+    /// higher level, its principal's own, and from each other principal at
+    /// its level about as many as fair share serves meanwhile.
+    pub fn ahead_of(
+        &self,
+        principal: u64,
+        priority: u8,
+        weight: u32,
+        now: Instant,
+        aging: Duration,
+    ) -> usize {
+        let aging = aging.as_secs_f64().max(1e-3);
+        let mine_level = f64::from(priority);
+        let mut higher = 0usize;
+        let mut same: HashMap<u64, (usize, u32)> = HashMap::new();
+        for e in &self.entries {
+            let waited = now.saturating_duration_since(e.since).as_secs_f64();
+            let level = f64::from(e.priority) + (waited / aging).floor();
+            if e.priority == priority {
+                let slot = same.entry(e.principal).or_insert((0, e.weight));
+                slot.0 += 1;
+            } else if level >= mine_level {
+                higher += 1;
+            }
+        }
+        let mine = same.get(&principal).map_or(0, |s| s.0);
+        let turns = (mine + 1) as f64 / f64::from(weight.max(1));
+        let others: usize = same
+            .iter()
+            .filter(|(p, _)| **p != principal)
+            .map(|(_, &(count, w))| count.min((turns * f64::from(w)).ceil() as usize))
+            .sum();
+        higher + mine + others
+    }
+
     /// Take a request out without dispatching it (it left or timed out).
     pub fn remove(&mut self, id: u64) -> Option<Entry<T>> {
         let index = self.entries.iter().position(|e| e.id == id)?;
@@ -108,9 +145,16 @@ impl<T> WaitList<T> {
             let waited = now.saturating_duration_since(e.since).as_secs_f64();
             f64::from(e.priority) + (waited / aging).floor()
         };
+        // aging lifts a request over lower *priorities* only: between
+        // requests of one priority, fair share alone decides (else a
+        // flooder's old requests would age past a newcomer's)
         self.entries.iter().max_by(|a, b| {
-            level(a)
-                .total_cmp(&level(b))
+            let by_level = if a.priority == b.priority {
+                std::cmp::Ordering::Equal
+            } else {
+                level(a).total_cmp(&level(b))
+            };
+            by_level
                 .then(
                     self.start_tag(b.principal)
                         .total_cmp(&self.start_tag(a.principal)),
@@ -204,6 +248,38 @@ mod tests {
         }
         let order = drain(&mut l, now, Duration::from_secs(60));
         assert_eq!(order, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn a_newcomer_waits_behind_its_fair_share_not_the_whole_queue() {
+        let now = Instant::now();
+        let aging = Duration::from_secs(60);
+        let mut l = WaitList::default();
+        for _ in 0..100 {
+            l.push(1, 5, 1, now, "a");
+        }
+        l.push(3, 8, 1, now, "high");
+        // B: one A request per own turn, plus the high one
+        assert_eq!(l.ahead_of(2, 5, 1, now, aging), 2);
+        l.push(2, 5, 1, now, "b");
+        assert_eq!(l.ahead_of(2, 5, 1, now, aging), 4);
+        // A itself waits behind its own hundred
+        assert_eq!(l.ahead_of(1, 5, 1, now, aging), 1 + 100 + 1);
+        // a low request waits behind everyone
+        assert_eq!(l.ahead_of(4, 2, 1, now, aging), 102);
+    }
+
+    #[test]
+    fn aging_does_not_reorder_one_priority() {
+        let start = Instant::now();
+        let mut l = WaitList::default();
+        for _ in 0..3 {
+            l.push(1, 5, 1, start, "old-a");
+        }
+        let later = start + Duration::from_secs(10);
+        l.push(2, 5, 1, later, "new-b");
+        let order = drain(&mut l, later, Duration::from_secs(2));
+        assert_eq!(order, ["old-a", "new-b", "old-a", "old-a"]);
     }
 
     #[test]
