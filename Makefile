@@ -6,7 +6,7 @@ CARGO ?= cargo
 
 .PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
 	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing \
-	bench-engine-routing bench-engine-routing-real
+	bench-engine-routing bench-engine-routing-real bench-flow-control
 
 ## setup: what the build needs (cmake for Pingora's zlib-ng)
 setup:
@@ -110,6 +110,12 @@ bench-engine-routing: setup-test build
 bench-engine-routing-real: setup-test build
 	tests/real-engine/setup.sh
 	load-tests/engine_routing_real.py
+
+## bench-flow-control: flow control (issue #15), ~9 min: overload with and without the dispatch queue (served vs
+## capacity, 503 refusals), a noisy neighbour (fair share, priority), engine faults (retries, ejection), the queue's
+## CPU cost; writes load-tests/results/flow-control-<UTC>.json and .md (load-tests/README.md)
+bench-flow-control: setup-test build
+	load-tests/flow_control.py
 
 ## bench-routing: the Criterion micro-benchmark of routing and body inspection alone
 bench-routing:
