@@ -108,7 +108,9 @@ const KV_KNEE: f64 = 0.8;
 ///
 /// From a fresh scrape: the engine's requests (running + waiting) moved by
 /// what the gateway sent or finished there since (`inflight − inflight_at`),
-/// split again into running and waiting at the engine's learnt capacity (a
+/// and never below the gateway's own in-flight count there (the engine's
+/// view lags: a request in transit is not in it yet), split again into
+/// running and waiting at the engine's learnt capacity (a
 /// full batch seen with a queue); waiting requests count double, and KV-cache
 /// pressure above 80 % adds up to 4. Without a fresh scrape: the gateway's own
 /// in-flight count.
@@ -124,7 +126,10 @@ pub fn score(scraped: Option<&Scraped>, inflight: usize, weight: usize) -> f64 {
                 0.0
             };
             let since = inflight as f64 - s.inflight_at as f64;
-            let total = (running + waiting + since).max(0.0);
+            // never fewer than the gateway itself has outstanding there: a
+            // request in transit, or one the engine counts as finished while
+            // its last bytes are relayed, is still work on that backend
+            let total = (running + waiting + since).max(inflight as f64);
             let queued = match s.capacity {
                 Some(capacity) => (total - capacity).max(0.0),
                 None => waiting.min(total),
@@ -171,6 +176,13 @@ mod tests {
         let s = fresh.latest().unwrap();
         assert_eq!(score(Some(&s), 4, 1), 4.0);
         assert_eq!(score(None, 5, 1), 5.0, "no scrape: the gateway's own count");
+        // the engine saw 2 of the 3 the gateway had sent (one in transit):
+        // the backend is no cheaper than the gateway's own count
+        let lagging = EngineLoad::default();
+        lagging.record(signals(2.0, 0.0, 0.1), 3);
+        let s = lagging.latest().unwrap();
+        assert_eq!(score(Some(&s), 3, 1), 3.0);
+        assert_eq!(score(Some(&s), 4, 1), 4.0);
         load.record(signals(0.0, 0.0, 1.0), 0);
         let full = score(load.latest().as_deref(), 0, 1);
         assert!((full - 4.0).abs() < 1e-9, "{full}");
