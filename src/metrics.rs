@@ -291,7 +291,7 @@ impl Metrics {
                 Opts::new("infergate_queue_length", "Requests waiting in the pool's dispatch queue now."),
                 &["pool"])),
             queue_outcomes: register!(registry, IntCounterVec::new(
-                Opts::new("infergate_queue_requests_total", "Requests that waited in a pool's queue, by outcome: dispatched, full (queue.max_len: refused at once), shed (refused at once: the measured rate says it would wait past queue.max_wait), timed_out, abandoned (the client left)."),
+                Opts::new("infergate_queue_requests_total", "Requests that waited in a pool's queue, by outcome: dispatched, full (queue.max_len: refused at once), shed (refused at once: the measured rate says it would wait past queue.max_wait), timed_out, abandoned (the client left), pushed_out (queued, then pushed out of a full queue to make room for a tenant below its fair share)."),
                 &["pool", "outcome"])),
             retries: register!(registry, IntCounterVec::new(
                 Opts::new("infergate_retries_total", "Requests retried on another backend before any byte reached the client, by reason (connect, status_502, status_503, reset)."),
@@ -476,6 +476,7 @@ impl Metrics {
                     ("shed", &pool.queue_shed),
                     ("timed_out", &pool.queue_timed_out),
                     ("abandoned", &pool.queue_abandoned),
+                    ("pushed_out", &pool.queue_pushed_out),
                 ] {
                     set_counter(
                         &self.queue_outcomes,

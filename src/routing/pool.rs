@@ -91,6 +91,8 @@ pub struct Pool {
     pub queue_rejected_full: AtomicU64,
     pub queue_timed_out: AtomicU64,
     pub queue_abandoned: AtomicU64,
+    /// Waiting requests pushed out of a full queue for a fairer share.
+    pub queue_pushed_out: AtomicU64,
     /// Microseconds dispatched requests waited, in total (metrics).
     pub queue_wait_us: AtomicU64,
     /// Retry budget: tokens (×1000) earned by requests, spent by retries.
@@ -109,7 +111,8 @@ pub struct Pool {
 /// and where to hand the picked backend.
 struct Waiting {
     want: Want,
-    grant: oneshot::Sender<Picked>,
+    /// A backend slot, or a refusal (pushed out of a full queue).
+    grant: oneshot::Sender<Result<Picked, Refusal>>,
 }
 
 /// The owned form of [`Hints`], for a request that waits.
@@ -166,7 +169,7 @@ pub enum Refusal {
 pub struct Ticket {
     pool: Arc<Pool>,
     id: u64,
-    rx: oneshot::Receiver<Picked>,
+    rx: oneshot::Receiver<Result<Picked, Refusal>>,
     since: Instant,
 }
 
@@ -175,13 +178,13 @@ impl Ticket {
     pub async fn wait(&mut self) -> Result<Picked, Refusal> {
         let deadline = self.since + self.pool.config.queue.max_wait;
         match tokio::time::timeout_at(deadline.into(), &mut self.rx).await {
-            Ok(Ok(picked)) => Ok(picked),
+            Ok(Ok(granted)) => granted,
             // the sender is only dropped by `leave`, or by a timed-out wait
             Ok(Err(_)) | Err(_) => {
                 if self.pool.leave(self.id) {
                     self.pool.queue_timed_out.fetch_add(1, Ordering::Relaxed);
-                } else if let Ok(picked) = self.rx.try_recv() {
-                    return Ok(picked); // granted at the last moment
+                } else if let Ok(granted) = self.rx.try_recv() {
+                    return granted; // granted (or pushed out) at the last moment
                 }
                 Err(Refusal::TimedOut {
                     waited: self.since.elapsed(),
@@ -354,6 +357,7 @@ impl Pool {
             queue_rejected_full: AtomicU64::new(0),
             queue_timed_out: AtomicU64::new(0),
             queue_abandoned: AtomicU64::new(0),
+            queue_pushed_out: AtomicU64::new(0),
             queue_wait_us: AtomicU64::new(0),
             retry_tokens: AtomicU64::new(if config_retry_budget > 0.0 {
                 RETRY_TOKENS_START
@@ -682,12 +686,18 @@ impl Pool {
         if !any_up {
             return Err(Refusal::NoBackend);
         }
+        // a full queue makes room for a principal below its fair share by
+        // pushing out the newest request of the one most above it
+        let mut victim = None;
         if queue.len() >= self.config.queue.max_len {
-            drop(queue);
-            self.queue_rejected_full.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::QueueFull {
-                retry_after: self.retry_after(),
-            });
+            victim = queue.push_out(who.key, who.share.priority, who.share.weight);
+            if victim.is_none() {
+                drop(queue);
+                self.queue_rejected_full.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::QueueFull {
+                    retry_after: self.retry_after(),
+                });
+            }
         }
         let rate = self.service_rate();
         if rate > 0.0 {
@@ -712,6 +722,12 @@ impl Pool {
         let Some(pool) = self.me.upgrade() else {
             return Err(Refusal::NoBackend);
         };
+        if let Some(victim) = victim.and_then(|id| queue.remove(id)) {
+            self.queue_pushed_out.fetch_add(1, Ordering::Relaxed);
+            let _ = victim.item.grant.send(Err(Refusal::QueueFull {
+                retry_after: self.retry_after(),
+            }));
+        }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let id = queue.push(
@@ -773,12 +789,11 @@ impl Pool {
                     let waited =
                         u64::try_from(entry.since.elapsed().as_micros()).unwrap_or(u64::MAX);
                     self.queue_wait_us.fetch_add(waited, Ordering::Relaxed);
-                    if let Err(mut back) = entry.item.grant.send(picked) {
+                    if let Err(Ok(mut back)) = entry.item.grant.send(Ok(picked)) {
                         // the waiter is gone: free the slot after the lock,
                         // without re-entering this pump from the guard's drop
                         back.guard.pump = false;
-                        picked = back;
-                        undelivered.push(picked);
+                        undelivered.push(back);
                     }
                 }
                 self.waiting.store(queue.len(), Ordering::Relaxed);

@@ -126,6 +126,36 @@ impl<T> WaitList<T> {
         higher + mine + others
     }
 
+    /// The queue is full and `principal` (at `priority`, with `weight`)
+    /// wants in: the request to push out for it, or `None` when it already
+    /// holds its fair share. The victim belongs to the principal holding the
+    /// most waiting requests per unit of weight, when that is more than the
+    /// newcomer's principal would hold with it (so a flood that filled the
+    /// queue before another tenant came gives way down to equal shares); it is
+    /// that principal's lowest-priority, newest request, never one of a
+    /// higher priority than the newcomer's.
+    pub fn push_out(&self, principal: u64, priority: u8, weight: u32) -> Option<u64> {
+        let mut held: HashMap<u64, (usize, u32)> = HashMap::new();
+        for e in self.entries.iter().filter(|e| e.priority <= priority) {
+            held.entry(e.principal).or_insert((0, e.weight)).0 += 1;
+        }
+        let mine = held.get(&principal).map_or(0, |h| h.0);
+        let mine_share = (mine + 1) as f64 / f64::from(weight.max(1));
+        let (heaviest, share) = held
+            .iter()
+            .filter(|(p, _)| **p != principal)
+            .map(|(p, &(count, w))| (*p, count as f64 / f64::from(w)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))?;
+        if share <= mine_share {
+            return None;
+        }
+        self.entries
+            .iter()
+            .filter(|e| e.principal == heaviest && e.priority <= priority)
+            .min_by(|a, b| a.priority.cmp(&b.priority).then(b.id.cmp(&a.id)))
+            .map(|e| e.id)
+    }
+
     /// Take a request out without dispatching it (it left or timed out).
     pub fn remove(&mut self, id: u64) -> Option<Entry<T>> {
         let index = self.entries.iter().position(|e| e.id == id)?;
@@ -182,6 +212,41 @@ impl<T> WaitList<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_pushes_out_the_heaviest_tenant_down_to_equal_shares() {
+        let now = Instant::now();
+        let mut list: WaitList<&'static str> = WaitList::default();
+        for _ in 0..4 {
+            list.push(1, 5, 1, now, "a");
+        }
+        // B (principal 2) arrives at a queue A filled: A's newest gives way
+        let victim = list.push_out(2, 5, 1).unwrap();
+        assert_eq!(victim, 4, "A's newest request");
+        list.remove(victim);
+        list.push(2, 5, 1, now, "b");
+        let victim = list.push_out(2, 5, 1).unwrap();
+        list.remove(victim);
+        list.push(2, 5, 1, now, "b");
+        // 2 : 2 — B's third would be more than its share
+        assert_eq!(list.push_out(2, 5, 1), None);
+        assert_eq!(list.push_out(1, 5, 1), None, "A holds its share");
+        // a tenant with weight 2 may hold twice as many: with 2 waiting it
+        // still pushes out (B, weight 1, with 2 does not)
+        list.push(3, 5, 2, now, "c");
+        list.push(3, 5, 2, now, "c");
+        assert!(list.push_out(3, 5, 2).is_some());
+        // never a request of a higher priority than the newcomer's
+        let mut high: WaitList<&'static str> = WaitList::default();
+        for _ in 0..4 {
+            high.push(1, 8, 1, now, "a-high");
+        }
+        assert_eq!(high.push_out(2, 5, 1), None);
+        high.push(1, 2, 1, now, "a-low");
+        assert_eq!(high.push_out(2, 5, 1), None, "1 low vs B's 1: equal");
+        high.push(1, 2, 1, now, "a-low");
+        assert_eq!(high.push_out(2, 5, 1), Some(6), "A's newest low request");
+    }
 
     fn drain(
         list: &mut WaitList<&'static str>,
