@@ -168,6 +168,16 @@ mod tests {
         }
     }
 
+    /// Three failures eject `e` (1 ms); wait for the half-open state.
+    fn eject_until_half_open(e: &Ejection, c: &EjectionConfig, deadline: Instant) {
+        for _ in 0..3 {
+            e.record(Outcome::Failure, c, true);
+        }
+        while e.status() == Status::Ejected && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn ejects_after_consecutive_failures_only() {
         let e = Ejection::default();
@@ -199,13 +209,8 @@ mod tests {
     fn half_open_lets_one_probe_through_and_backs_off_on_failure() {
         let e = Ejection::default();
         let c = config(1);
-        for _ in 0..3 {
-            e.record(Outcome::Failure, &c, true);
-        }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while e.status() == Status::Ejected && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        eject_until_half_open(&e, &c, deadline);
         assert_eq!(e.status(), Status::HalfOpen { probing: false });
         assert_eq!(
             e.claim(),
@@ -232,13 +237,8 @@ mod tests {
     fn a_probe_that_ends_without_an_outcome_frees_the_probe_slot() {
         let e = Ejection::default();
         let c = config(1);
-        for _ in 0..3 {
-            e.record(Outcome::Failure, &c, true);
-        }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while e.status() == Status::Ejected && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        eject_until_half_open(&e, &c, deadline);
         assert_eq!(e.claim(), Some(Claim::Probe));
         assert!(!e.admits(), "the probe is in flight");
         e.release_probe();
