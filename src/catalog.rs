@@ -297,6 +297,8 @@ fn engine_entry(pool: &crate::routing::Pool, state: &crate::routing::BackendStat
         "scrapes_failed": state.engine.scrapes_failed.load(ordering),
         "last_error": state.engine.last_error(),
         "load": pool.load(state),
+        "first_byte_ms": state.pace.estimate().map(|(ms, _)| ms),
+        "pace": pool.pace(state),
     })
 }
 

@@ -237,6 +237,67 @@ fn load_aware_sends_new_requests_away_from_an_engine_with_a_queue() {
 }
 
 #[test]
+fn engine_aware_policies_send_little_to_a_backend_that_answers_slowly() {
+    // one engine takes 300 ms to start answering, the others ~none: its
+    // queue and running counts look the same as theirs, its pace does not
+    let mut engines = engines(2, "4");
+    engines.insert(
+        0,
+        mock(&[
+            "--model",
+            "tiny-chat",
+            "--name",
+            "slow",
+            "--max-running",
+            "4",
+            "--tokens",
+            "4",
+            "--ttft-ms",
+            "300",
+        ]),
+    );
+    let slow = engines[0].addr;
+    for balance in ["load_aware", "prefix_aware"] {
+        let extra = format!("    balance: {balance}\n{FAST_SCRAPES}");
+        let gw = gateway(&one_pool(&names(&engines), &extra, ""));
+        wait_healthy(&gw, 3);
+        // until every backend answered once, none has a pace: they rotate
+        let mut warm = 0;
+        while engines
+            .iter()
+            .any(|e| service(&gw, e.addr)["engine"]["first_byte_ms"].is_null())
+        {
+            assert!(warm < 30, "{balance}: not every backend got a request");
+            send(
+                &gw,
+                &conversation(&format!("{balance}-w{warm}"), 1, "tiny-chat"),
+            );
+            warm += 1;
+        }
+        let entry = service(&gw, slow);
+        assert!(
+            entry["engine"]["first_byte_ms"].as_f64().unwrap() >= 300.0,
+            "{entry}"
+        );
+        assert!(entry["engine"]["pace"].as_f64().unwrap() > 5.0, "{entry}");
+        for e in &engines[1..] {
+            let fast = service(&gw, e.addr);
+            assert_eq!(fast["engine"]["pace"].as_f64(), Some(1.0), "{fast}");
+        }
+        for i in 0..12 {
+            let (engine, _) = send(
+                &gw,
+                &conversation(&format!("{balance}-n{i}"), 1, "tiny-chat"),
+            );
+            assert_ne!(
+                engine, "slow",
+                "{balance}: request {i} went to the slow engine"
+            );
+        }
+    }
+}
+
+#[test]
 fn backends_with_missing_slow_or_garbage_metrics_still_serve() {
     let modes = ["garbage", "missing", "hang"];
     let engines: Vec<Proc> = modes

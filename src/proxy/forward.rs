@@ -688,6 +688,7 @@ async fn relay_body(
     // one shutdown watch for the whole body, not one per chunk
     let grace = grace_ends(app);
     tokio::pin!(grace);
+    let mut paced = false;
     loop {
         if upstream.is_body_done() {
             // the client may already hold the whole response and send its next
@@ -717,6 +718,13 @@ async fn relay_body(
             }
             Ok(Ok(None)) => return flush_tap(session, ctx).await,
             Ok(Ok(Some(bytes))) => {
+                if !paced {
+                    paced = true;
+                    // what starting an answer costs on this backend (routing)
+                    if let (Some(sent), Some(guard)) = (ctx.sent_at, ctx.inflight.as_ref()) {
+                        guard.state().pace.record(sent.elapsed());
+                    }
+                }
                 if let Some(previous) = ctx.last_chunk_at {
                     observe_chunk(app, ctx, previous);
                 }

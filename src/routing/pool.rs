@@ -8,7 +8,7 @@
 //! (`load_aware`, `prefix_aware`: docs/routing.md).
 
 use super::eject::{Claim, Ejection, Outcome};
-use super::load::{self, EngineLoad};
+use super::load::{self, EngineLoad, Pace};
 use super::prefix::{PrefixIndex, PromptKey, MAX_BACKENDS};
 use super::queue::WaitList;
 use crate::config::{Balance, PoolConfig};
@@ -45,6 +45,8 @@ pub struct BackendState {
     pub engine: EngineLoad,
     /// Passive outlier detection.
     pub ejection: Ejection,
+    /// How long it takes to start answering (`load_aware`, `prefix_aware`).
+    pub pace: Pace,
 }
 
 impl BackendState {
@@ -317,6 +319,7 @@ impl Pool {
                 position,
                 engine: EngineLoad::default(),
                 ejection: Ejection::default(),
+                pace: Pace::default(),
             });
             ordered.push(state.clone());
             states.insert(b.address, state);
@@ -569,8 +572,26 @@ impl Pool {
         result
     }
 
+    /// The fastest backend's pace (ms to first body byte), if any has one.
+    pub fn fastest_pace(&self) -> Option<f64> {
+        self.ordered
+            .iter()
+            .filter_map(|s| s.pace.estimate().map(|(ms, _)| ms))
+            .min_by(f64::total_cmp)
+    }
+
+    /// How many times slower than the fastest this backend answers (see
+    /// [`load::pace_factor`]).
+    pub fn pace(&self, state: &BackendState) -> f64 {
+        load::pace_factor(state.pace.estimate(), self.fastest_pace())
+    }
+
     /// Expected wait on a backend (see [`load::score`]).
     pub fn load(&self, state: &BackendState) -> f64 {
+        self.load_with(state, self.fastest_pace())
+    }
+
+    fn load_with(&self, state: &BackendState, fastest_pace: Option<f64>) -> f64 {
         let max_age = self.config.engine_metrics.interval * 3 + self.config.engine_metrics.timeout;
         let scraped = if self.config.engine_metrics.enabled {
             state.engine.fresh(max_age)
@@ -581,6 +602,7 @@ impl Pool {
             scraped.as_deref(),
             state.inflight.load(Ordering::Relaxed),
             state.weight,
+            load::pace_factor(state.pace.estimate(), fastest_pace),
         )
     }
 
@@ -596,6 +618,7 @@ impl Pool {
             return None;
         }
         let start = self.rr_offset.fetch_add(1, Ordering::Relaxed) % n;
+        let fastest = self.fastest_pace();
         let mut best: Option<(&Arc<BackendState>, f64)> = None;
         for i in 0..n {
             let state = &self.ordered[(start + i) % n];
@@ -603,7 +626,7 @@ impl Pool {
             if !in_mask || exclude.contains(&state.address) || !self.admits(state) {
                 continue;
             }
-            let load = self.load(state);
+            let load = self.load_with(state, fastest);
             let better = match &best {
                 None => true,
                 Some((b, l)) => load < *l || (load == *l && state.weight > b.weight),
