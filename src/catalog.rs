@@ -213,9 +213,20 @@ pub fn health_body(app: &AppState) -> (u16, Vec<u8>) {
         _ => ("healthy", 200),
     };
     let gpu = app.gpu.snapshot();
+    // the shared limits store: down is not unhealthy (on_error decides what
+    // admission does), but it shows
+    let limits_store = app.limits.as_ref().and_then(|l| l.redis()).map(|s| {
+        json!({
+            "kind": "redis",
+            "status": if s.is_up() { "up" } else { "down" },
+            "on_error": s.on_error(),
+            "pending_tokens": s.pending_tokens(),
+        })
+    });
     let body = json!({
         "status": status,
         "router": "running",
+        "limits_store": limits_store,
         "healthy_services": format!("{healthy}/{total}"),
         "timestamp": iso(std::time::SystemTime::now()),
         "gpu": gpu.gpus.first(),

@@ -85,6 +85,11 @@ pub struct Metrics {
     routing_decisions: IntCounterVec,
     prefix_match_bytes: HistogramVec,
     prefix_index_bytes: IntGaugeVec,
+    store_up: IntGaugeVec,
+    store_errors: IntCounterVec,
+    store_fallbacks: IntCounterVec,
+    store_pending: IntGaugeVec,
+    store_leases: IntGaugeVec,
     prefix_index_budget: IntGaugeVec,
     prefix_index_entries: IntGaugeVec,
     prefix_index_evictions: IntCounterVec,
@@ -272,6 +277,21 @@ impl Metrics {
             prefix_match_bytes: register!(registry, HistogramVec::new(
                 hist("infergate_routing_prefix_match_bytes", "Prompt bytes the chosen backend was believed to hold already (prefix_aware; 0 when none).", PREFIX_BUCKETS),
                 &["pool"])),
+            store_up: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_limits_store_up", "1 while the shared limits store (limits.store: redis) answers, 0 while it is down and on_error applies."),
+                &["kind"])),
+            store_errors: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_limits_store_errors_total", "Calls to the shared limits store that failed or timed out."),
+                &["kind"])),
+            store_fallbacks: register!(registry, IntCounterVec::new(
+                Opts::new("infergate_limits_store_fallbacks_total", "Requests admitted on this replica's own counters because the shared store was down (on_error: fail_open)."),
+                &["kind"])),
+            store_pending: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_limits_store_pending_tokens", "Quota tokens counted while the shared store was down, not yet added to it."),
+                &["kind"])),
+            store_leases: register!(registry, IntGaugeVec::new(
+                Opts::new("infergate_limits_store_leases", "Concurrency/reservation leases this replica holds in the shared store (renewed every lease/3)."),
+                &["kind"])),
             prefix_index_bytes: register!(registry, IntGaugeVec::new(
                 Opts::new("infergate_prefix_index_bytes", "Memory of the pool's prefix index (upper bound: entries × bytes per entry)."),
                 &["pool"])),
@@ -414,6 +434,28 @@ impl Metrics {
     }
 
     fn refresh_state(&self, app: &AppState) {
+        if let Some(store) = app.limits.as_ref().and_then(|l| l.redis()) {
+            let kind = ["redis"];
+            self.store_up
+                .with_label_values(&kind)
+                .set(i64::from(store.is_up()));
+            set_counter(
+                &self.store_errors,
+                &kind,
+                store.errors.load(Ordering::Relaxed),
+            );
+            set_counter(
+                &self.store_fallbacks,
+                &kind,
+                store.fallbacks.load(Ordering::Relaxed),
+            );
+            self.store_pending
+                .with_label_values(&kind)
+                .set(i64::try_from(store.pending_tokens()).unwrap_or(i64::MAX));
+            self.store_leases
+                .with_label_values(&kind)
+                .set(i64::try_from(store.leases_held()).unwrap_or(i64::MAX));
+        }
         for gpu in &app.gpu.snapshot().gpus {
             let id = gpu.id.to_string();
             self.gpu_total_mb

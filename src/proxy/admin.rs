@@ -8,7 +8,7 @@ use crate::state::{AppState, Live};
 use infergate_filters::Rejection;
 use pingora_proxy::Session;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::net::IpAddr;
 
 /// Login bodies are small; anything larger is not a login.
@@ -281,14 +281,40 @@ pub async fn unload_lora(
     respond::answer(session, ctx, 200, body.to_string().into_bytes()).await
 }
 
-/// `GET /admin/usage`: every principal's limits state and quota.
-pub fn usage_body(app: &AppState) -> Vec<u8> {
-    let data = match &app.limits {
-        Some(limits) => serde_json::to_value(limits.snapshot()).unwrap_or_default(),
-        None => json!([]),
+/// `GET /admin/usage`: every principal's limits state and quota. With
+/// `limits.store: redis`, `quota_used` is Redis' shared total (all
+/// replicas), and `store` says whether it answered.
+pub async fn usage_body(app: &AppState) -> Vec<u8> {
+    let Some(limits) = &app.limits else {
+        let principals = app.auth.as_ref().map_or(0, |a| a.identities().len());
+        return json!({"object": "list", "principals": principals, "data": []})
+            .to_string()
+            .into_bytes();
     };
+    let mut rows = limits.snapshot();
+    let mut store = Value::Null;
+    if let Some(redis) = limits.redis() {
+        store = match redis.quota_totals().await {
+            Ok(totals) => {
+                for row in &mut rows {
+                    row.quota_used = totals.get(&row.id).copied().unwrap_or(0);
+                }
+                let known: std::collections::HashSet<String> =
+                    rows.iter().map(|r| r.id.clone()).collect();
+                for (id, used) in totals {
+                    if !known.contains(&id) {
+                        rows.push(infergate_filters::limits::PrincipalStatus::unseen(id, used));
+                    }
+                }
+                rows.sort_by(|a, b| a.id.cmp(&b.id));
+                json!({"kind": "redis", "status": "up"})
+            }
+            Err(e) => json!({"kind": "redis", "status": "down", "error": e.to_string()}),
+        };
+    }
     let principals = app.auth.as_ref().map_or(0, |a| a.identities().len());
-    json!({"object": "list", "principals": principals, "data": data})
+    let data = serde_json::to_value(rows).unwrap_or_default();
+    json!({"object": "list", "principals": principals, "data": data, "store": store})
         .to_string()
         .into_bytes()
 }

@@ -523,7 +523,7 @@ async fn route_and_forward(
         Endpoint::AdminReloadKeys => admin::reload_keys(app, session, ctx).await,
         Endpoint::AdminReload => admin::reload_config(live, session, ctx).await,
         Endpoint::AdminUsage => {
-            let body = admin::usage_body(app);
+            let body = admin::usage_body(app).await;
             respond::answer(session, ctx, 200, body).await
         }
         Endpoint::Metrics => {
@@ -645,7 +645,7 @@ async fn websocket_target(
     ctx.model = model;
     ctx.pool = Some(target.name().to_string());
     ctx.proxied = true;
-    admit(app, ctx, 0, Some(0))?;
+    admit(app, ctx, 0, Some(0)).await?;
     let address = match target {
         Target::Engine(engine) => {
             let (address, engine_use) = app
@@ -673,8 +673,8 @@ async fn websocket_target(
 }
 
 /// The filters' admission (limits) once the target is known, for the model
-/// in `ctx.model`.
-fn admit(
+/// in `ctx.model`; with `limits.store: redis`, the one Redis round trip.
+async fn admit(
     app: &AppState,
     ctx: &mut RequestCtx,
     prompt_tokens_estimate: u64,
@@ -689,7 +689,18 @@ fn admit(
             },
             &mut ctx.filters,
         )
-        .map_err(GatewayError::rejected)
+        .map_err(GatewayError::rejected)?;
+    if let Some(admission) = ctx.filters.admission.as_mut().filter(|a| a.is_pending()) {
+        let result = admission.complete().await;
+        let headers = admission.rate_limit_headers().to_vec();
+        if let Err(rejection) = result {
+            // nothing is held: the refusal's own headers say what to do
+            ctx.filters.admission = None;
+            return Err(GatewayError::rejected(rejection));
+        }
+        ctx.filters.response_headers.extend(headers);
+    }
+    Ok(())
 }
 
 /// Rough prompt size before the engine counts it: JSON bytes / 4, the usual
@@ -967,7 +978,8 @@ async fn proxy_to_model(
         ctx,
         ctx.prompt_estimate,
         info.and_then(|i| i.max_output_tokens),
-    )?;
+    )
+    .await?;
     if let Some(info) = info {
         ctx.stream = info.stream;
         if inject_usage {

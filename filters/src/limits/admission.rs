@@ -1,13 +1,54 @@
 //! Admission: the checks that let a request run, and the handle that gives
 //! back what it holds when the request ends.
 
-use super::headers::rate_limit_headers;
+use super::headers::{rate_limit_headers, BucketView};
 use super::level::{Level, Scope};
 use super::lock;
 use super::quota_store::QuotaStore;
-use crate::{Identity, Rejection};
+use super::redis_store::{Lease, RedisStore, SharedLevel, Verdict};
+use crate::Rejection;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where an identity's quota total is kept.
+#[derive(Clone)]
+pub(crate) enum Ledger {
+    /// This process (memory or `data_dir`).
+    Local(Arc<QuotaStore>),
+    /// Redis (this replica admitted on its own counters while Redis was
+    /// down: the usage waits for Redis to be back).
+    Shared(Arc<RedisStore>),
+}
+
+impl Ledger {
+    fn used(&self, id: &str) -> u64 {
+        match self {
+            Ledger::Local(store) => store.used(id),
+            Ledger::Shared(store) => store.known_used(id),
+        }
+    }
+
+    fn add(&self, id: &str, user: &str, used: u64) {
+        match self {
+            Ledger::Local(store) => store.add(id, user, used),
+            Ledger::Shared(store) => store.defer(id, used),
+        }
+    }
+}
+
+/// The caller, for the quota check: id, display name, level.
+pub(crate) type Principal<'a> = (&'a str, &'a str, Arc<Level>);
+
+/// An admission that still has to ask Redis ([`Admission::complete`]).
+pub(crate) struct Pending {
+    pub(crate) store: Arc<RedisStore>,
+    pub(crate) shared: Vec<SharedLevel>,
+    /// The same levels, for messages and the fail_open fallback.
+    pub(crate) levels: Vec<Arc<Level>>,
+    /// id, user, quota.
+    pub(crate) identity: Option<(String, String, Option<u64>)>,
+    pub(crate) estimate: u64,
+}
 
 /// Tokens a finished request really used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +76,10 @@ pub struct Admission {
     /// False while the checks run: a failed check also returns the requests
     /// taken. Once admitted, a request keeps its requests-per-second token.
     admitted: bool,
+    /// `limits.store: redis`: the Redis check still to run.
+    pending: Option<Box<Pending>>,
+    /// `limits.store: redis`: what this request holds in Redis.
+    lease: Option<(Arc<RedisStore>, Lease)>,
 }
 
 /// What was taken at one level.
@@ -50,7 +95,7 @@ struct PrincipalHold {
     level: Arc<Level>,
     id: String,
     user: String,
-    store: Arc<QuotaStore>,
+    store: Ledger,
     reserved: u64,
     /// The identity had a quota at admission: persist its usage.
     persist: bool,
@@ -86,6 +131,9 @@ impl Admission {
 
     fn finish(&mut self, usage: Option<Usage>) {
         let total = usage.map(|u| u.prompt_tokens.saturating_add(u.completion_tokens));
+        if let Some((store, lease)) = self.lease.take() {
+            store.settle(lease, total);
+        }
         for hold in std::mem::take(&mut self.holds) {
             let mut st = lock(&hold.level.state);
             if let Some(bucket) = st.tokens.as_mut().filter(|_| hold.tokens > 0) {
@@ -119,6 +167,162 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// An admission to complete against Redis ([`Admission::complete`]).
+    pub(crate) fn pending(pending: Pending) -> Admission {
+        Admission {
+            holds: Vec::new(),
+            principal: None,
+            reserved: pending.estimate,
+            headers: Vec::new(),
+            admitted: false,
+            pending: Some(Box::new(pending)),
+            lease: None,
+        }
+    }
+
+    /// Whether [`Admission::complete`] still has to run.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// `limits.store: redis`: check and take at every level in one Redis
+    /// round trip. When Redis fails, `on_error` decides: admit on this
+    /// replica's own counters (`fail_open`) or refuse with 503
+    /// (`fail_closed`). A no-op for an admission that is not pending.
+    pub async fn complete(&mut self) -> Result<(), Rejection> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let identity = pending
+            .identity
+            .as_ref()
+            .map(|(id, _, quota)| (id.as_str(), *quota));
+        match pending
+            .store
+            .admit(&pending.shared, identity, pending.estimate)
+            .await
+        {
+            Ok((
+                Verdict::Ok {
+                    requests, tokens, ..
+                },
+                Some(lease),
+            )) => {
+                self.headers = shared_headers(&pending.shared, requests, tokens);
+                self.lease = Some((pending.store.clone(), lease));
+                self.admitted = true;
+                Ok(())
+            }
+            Ok((
+                Verdict::Refused {
+                    what, level, wait, ..
+                },
+                _,
+            )) => Err(shared_refusal(&pending, &what, level, wait)),
+            Ok((Verdict::Ok { .. }, None)) => Err(store_unavailable()),
+            Err(_) => fallback(&pending).map(|local| *self = local),
+        }
+    }
+}
+
+/// Redis did not answer: `on_error` decides.
+pub(crate) fn fallback(pending: &Pending) -> Result<Admission, Rejection> {
+    use super::config::OnStoreError;
+    match pending.store.on_error() {
+        OnStoreError::FailClosed => Err(store_unavailable()),
+        OnStoreError::FailOpen => {
+            pending
+                .store
+                .fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let principal = pending.identity.as_ref().and_then(|(id, user, _)| {
+                pending
+                    .levels
+                    .last()
+                    .map(|level| (id.as_str(), user.as_str(), level.clone()))
+            });
+            admit(
+                &pending.levels,
+                principal,
+                &Ledger::Shared(pending.store.clone()),
+                pending.estimate,
+            )
+        }
+    }
+}
+
+/// The `x-ratelimit-*` headers from what the admission script reported.
+fn shared_headers(
+    levels: &[SharedLevel],
+    requests: Option<(f64, f64)>,
+    tokens: Option<(f64, f64)>,
+) -> Vec<(&'static str, String)> {
+    let requests = requests.map(|(left, cap)| {
+        let rate = levels
+            .iter()
+            .find(|l| l.rate > 0.0 && l.burst == cap)
+            .map_or(1.0, |l| l.rate);
+        BucketView::new(
+            cap,
+            left,
+            Duration::from_secs_f64(((cap - left) / rate).max(0.0)),
+        )
+    });
+    let tokens = tokens.map(|(left, cap)| {
+        let per_sec = (cap / 60.0).max(f64::MIN_POSITIVE);
+        BucketView::new(
+            cap,
+            left,
+            Duration::from_secs_f64(((cap - left) / per_sec).max(0.0)),
+        )
+    });
+    rate_limit_headers(requests, tokens)
+}
+
+fn shared_refusal(pending: &Pending, what: &str, level: usize, wait: Duration) -> Rejection {
+    let scope = pending
+        .levels
+        .get(level.min(pending.levels.len().saturating_sub(1)))
+        .map_or(Scope::Gateway, |l| l.scope.clone());
+    let spec = pending.shared.get(level);
+    match what {
+        "quota" => quota_exhausted(
+            &scope,
+            pending
+                .identity
+                .as_ref()
+                .and_then(|(_, _, q)| *q)
+                .unwrap_or(0),
+        ),
+        "rps" => too_many_requests(&scope, spec.map_or(0.0, |s| s.rate), wait),
+        "conc" => too_many_concurrent(&scope, spec.and_then(|s| u32::try_from(s.concurrent).ok())),
+        "large" => request_too_large(
+            pending.estimate,
+            spec.map_or(0.0, |s| s.tokens_per_minute as f64),
+        ),
+        _ => too_many_tokens(
+            &scope,
+            spec.map_or(0.0, |s| s.tokens_per_minute as f64),
+            pending.estimate,
+            wait,
+        ),
+    }
+}
+
+/// 503: the shared limits store is down and `on_error: fail_closed`.
+pub(crate) fn store_unavailable() -> Rejection {
+    let mut r = Rejection::new(
+        503,
+        "server_error",
+        "limits_unavailable",
+        "The gateway cannot check rate limits right now (its shared limits store does not answer) and is configured to refuse rather than admit unchecked. Retry shortly.",
+    );
+    r.limit = Some("store");
+    r.retry_after = Some(1);
+    r
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         self.finish(None);
@@ -129,8 +333,8 @@ impl Drop for Admission {
 /// `principal` is the identity and its level (also the last of `levels`).
 pub(crate) fn admit(
     levels: &[Arc<Level>],
-    principal: Option<(&Identity, Arc<Level>)>,
-    store: &Arc<QuotaStore>,
+    principal: Option<Principal<'_>>,
+    store: &Ledger,
     estimate: u64,
 ) -> Result<Admission, Rejection> {
     let result = check(levels, principal, store, estimate);
@@ -151,8 +355,8 @@ pub(crate) fn admit(
 
 fn check(
     levels: &[Arc<Level>],
-    principal: Option<(&Identity, Arc<Level>)>,
-    store: &Arc<QuotaStore>,
+    principal: Option<Principal<'_>>,
+    store: &Ledger,
     estimate: u64,
 ) -> Result<Admission, Rejection> {
     // Dropped on any early return below, which gives back what was taken.
@@ -170,12 +374,14 @@ fn check(
         reserved: estimate,
         headers: Vec::new(),
         admitted: false,
+        pending: None,
+        lease: None,
     };
 
-    if let Some((identity, level)) = principal {
+    if let Some((id, user, level)) = principal {
         let mut st = lock(&level.state);
         if let Some(quota) = st.quota {
-            let used = store.used(&identity.id);
+            let used = store.used(id);
             if used.saturating_add(st.reserved) >= quota {
                 return Err(quota_exhausted(&level.scope, quota));
             }
@@ -184,8 +390,8 @@ fn check(
         let persist = st.quota.is_some();
         drop(st);
         admission.principal = Some(PrincipalHold {
-            id: identity.id.clone(),
-            user: identity.user.clone(),
+            id: id.to_string(),
+            user: user.to_string(),
             store: store.clone(),
             reserved: estimate,
             persist,

@@ -4,6 +4,7 @@ use crate::LimitSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The `limits` filter's config. Every field is optional.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -24,6 +25,223 @@ pub struct LimitsConfig {
     /// Needed for quotas to survive a restart: without it quotas are counted
     /// in memory only and a warning says so.
     pub data_dir: Option<PathBuf>,
+    /// Where the counters live: this process (`memory`, the default) or a
+    /// Redis shared by every replica (`redis`).
+    pub store: StoreConfig,
+}
+
+/// `limits.store`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `redis://host:port/db` (or `rediss://` for TLS). No password here:
+    /// it comes from `password_file` / `password_env`, or the whole URL from
+    /// `url_file` / `url_env`.
+    pub url: Option<String>,
+    /// A file holding the whole URL (a mounted secret); read at start and reload.
+    pub url_file: Option<PathBuf>,
+    /// An environment variable holding the whole URL.
+    pub url_env: Option<String>,
+    /// A file holding the password, put into `url`.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password, put into `url`.
+    pub password_env: Option<String>,
+    /// Prefix of every key, so several gateways (or environments) can share
+    /// one Redis. Default `infergate:`.
+    pub key_prefix: String,
+    /// A Redis call that takes longer has failed (and `on_error` applies).
+    /// Default 100ms.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Concurrency slots and quota reservations are leases of this length,
+    /// renewed every third of it while the request runs: a replica that dies
+    /// frees its slots within it. Default 30s.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// What admission does when Redis is slow or down. Required with `redis`
+    /// (no default: the trade-off is the operator's to make).
+    pub on_error: Option<OnStoreError>,
+    /// With `fail_open`, each limit is divided by this while Redis is down
+    /// (each replica enforces its share). Default 1: every replica enforces
+    /// the full limit.
+    pub replicas: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+            url: None,
+            url_file: None,
+            url_env: None,
+            password_file: None,
+            password_env: None,
+            key_prefix: "infergate:".to_string(),
+            timeout: Duration::from_millis(100),
+            lease: Duration::from_secs(30),
+            on_error: None,
+            replicas: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Admit on this replica's own counters (limits / `replicas`); usage
+    /// counted meanwhile goes to Redis when it is back.
+    FailOpen,
+    /// Refuse with 503 until Redis answers again.
+    FailClosed,
+}
+
+impl StoreConfig {
+    /// The URL to connect to, with the password from its file or variable.
+    /// `Err` names the key to fix (and never contains the password).
+    pub fn resolved_url(&self) -> Result<String, String> {
+        let read_env = |key: &str, var: &str| {
+            std::env::var(var).map_err(|_| {
+                format!("limits.store.{key}: the environment variable {var} is not set")
+            })
+        };
+        let read_file = |key: &str, path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("limits.store.{key}: cannot read {}: {e}", path.display()))
+        };
+        let url = match (&self.url, &self.url_file, &self.url_env) {
+            (Some(url), None, None) => url.clone(),
+            (None, Some(path), None) => read_file("url_file", path)?,
+            (None, None, Some(var)) => read_env("url_env", var)?,
+            (None, None, None) => {
+                return Err("limits.store.url: Redis needs an address, e.g. url: \"redis://127.0.0.1:6379/0\" (or url_file / url_env)".to_string())
+            }
+            _ => return Err("limits.store: give one of url, url_file, url_env".to_string()),
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(
+                "limits.store.url: must start with redis:// (or rediss:// for TLS)".to_string(),
+            );
+        }
+        let password = match (&self.password_file, &self.password_env) {
+            (Some(path), None) => Some(read_file("password_file", path)?),
+            (None, Some(var)) => Some(read_env("password_env", var)?),
+            (None, None) => None,
+            _ => {
+                return Err("limits.store: give password_file or password_env, not both".to_string())
+            }
+        };
+        match password {
+            None => Ok(url),
+            Some(password) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("redis", &url));
+                if rest.split('/').next().is_some_and(|a| a.contains('@')) {
+                    return Err("limits.store: the URL already has credentials; drop password_file/password_env or the user:password@ part".to_string());
+                }
+                let encoded: String = percent_encoding::utf8_percent_encode(
+                    &password,
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .collect();
+                Ok(format!("{scheme}://:{encoded}@{rest}"))
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.kind == StoreKind::Memory {
+            return Ok(());
+        }
+        if self.on_error.is_none() {
+            return Err((
+                "store.on_error".to_string(),
+                "is required with kind: redis: fail_open (admit on this replica's own counters while Redis is down) or fail_closed (refuse with 503)".to_string(),
+            ));
+        }
+        if let Some(url) = &self.url {
+            let authority = url
+                .split_once("://")
+                .map_or("", |(_, r)| r)
+                .split('/')
+                .next()
+                .unwrap_or("");
+            if authority.contains('@') {
+                return Err((
+                    "store.url".to_string(),
+                    "holds credentials; keep secrets out of the YAML: put the password in password_file or password_env (or the whole URL in url_file / url_env)".to_string(),
+                ));
+            }
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err((
+                    "store.url".to_string(),
+                    "must start with redis:// (or rediss:// for TLS)".to_string(),
+                ));
+            }
+        }
+        let sources = [
+            self.url.is_some(),
+            self.url_file.is_some(),
+            self.url_env.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => return Err(("store.url".to_string(), "Redis needs an address, e.g. url: \"redis://127.0.0.1:6379/0\" (or url_file / url_env)".to_string())),
+            1 => {}
+            _ => return Err(("store".to_string(), "give one of url, url_file, url_env".to_string())),
+        }
+        if self.timeout.is_zero() {
+            return Err((
+                "store.timeout".to_string(),
+                "must be above 0, e.g. 100ms".to_string(),
+            ));
+        }
+        if self.lease < Duration::from_secs(1) {
+            return Err((
+                "store.lease".to_string(),
+                "must be at least 1s (leases are renewed every third of it)".to_string(),
+            ));
+        }
+        if self.replicas == 0 {
+            return Err((
+                "store.replicas".to_string(),
+                "must be at least 1".to_string(),
+            ));
+        }
+        if self.key_prefix.is_empty() {
+            return Err((
+                "store.key_prefix".to_string(),
+                "is empty; keep the default infergate: or give another".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `"100ms"`, `"30s"`, `"1m"` (humantime).
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. 100ms or 30s"
+            ))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 }
 
 impl Default for LimitsConfig {
@@ -34,6 +252,7 @@ impl Default for LimitsConfig {
             models: BTreeMap::new(),
             default_max_tokens: 1024,
             data_dir: None,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -76,7 +295,7 @@ impl LimitsConfig {
                 "is empty; give a directory for the quota store or remove the key".to_string(),
             ));
         }
-        Ok(())
+        self.store.validate()
     }
 }
 

@@ -43,6 +43,15 @@ pub(crate) struct BucketView {
 }
 
 impl BucketView {
+    /// From figures reported elsewhere (the Redis store).
+    pub(crate) fn new(capacity: f64, level: f64, reset: Duration) -> Self {
+        BucketView {
+            capacity,
+            level,
+            reset,
+        }
+    }
+
     pub(crate) fn of(bucket: &mut TokenBucket) -> Self {
         BucketView {
             level: bucket.remaining(),

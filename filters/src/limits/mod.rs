@@ -45,12 +45,17 @@ mod config;
 pub mod headers;
 mod level;
 pub mod quota_store;
+pub mod redis_store;
 
 pub use admission::{Admission, Usage};
 pub use bucket::TokenBucket;
-pub use config::{validate_spec, LimitsConfig};
+pub use config::{validate_spec, LimitsConfig, OnStoreError, StoreConfig, StoreKind};
+pub use redis_store::RedisStore;
 
-use crate::{AdmitInfo, Filter, FilterState, Flow, Identity, Rejection, Request};
+use admission::{Ledger, Pending};
+use redis_store::SharedLevel;
+
+use crate::{AdmitInfo, Filter, FilterState, Flow, Identity, LimitSpec, Rejection, Request};
 use config::effective_spec;
 use level::{Level, Scope};
 use quota_store::QuotaStore;
@@ -90,6 +95,27 @@ pub struct PrincipalStatus {
     pub requests_remaining: Option<u64>,
 }
 
+impl PrincipalStatus {
+    /// An identity known only by its persisted total.
+    pub fn unseen(id: String, quota_used: u64) -> PrincipalStatus {
+        PrincipalStatus {
+            id,
+            user: None,
+            in_flight: 0,
+            concurrent: None,
+            quota: None,
+            quota_used,
+            reserved_tokens: 0,
+            tokens_used_since_start: 0,
+            estimated_usage_requests: 0,
+            tokens_per_minute: None,
+            tokens_remaining_this_minute: None,
+            requests_per_second: None,
+            requests_remaining: None,
+        }
+    }
+}
+
 /// The limiters, shared by every request (and across config reloads, if the
 /// gateway keeps the same `Arc`).
 pub struct Limits {
@@ -102,6 +128,8 @@ struct Shared {
     models: HashMap<String, Arc<Level>>,
     principals: Mutex<HashMap<String, Arc<Level>>>,
     store: Arc<QuotaStore>,
+    /// `store: { kind: redis }`: the shared counters.
+    redis: Option<Arc<RedisStore>>,
 }
 
 impl Limits {
@@ -116,10 +144,27 @@ impl Limits {
     /// store twice); rate and concurrency counters start afresh.
     pub fn reconfigured(config: LimitsConfig, previous: &Limits) -> Result<Limits, String> {
         let same_store = config.data_dir == previous.shared.config.data_dir;
-        Self::build(config, same_store.then(|| previous.shared.store.clone()))
+        let redis = previous
+            .shared
+            .redis
+            .clone()
+            .filter(|r| *r.config() == config.store);
+        Self::build_with(
+            config,
+            same_store.then(|| previous.shared.store.clone()),
+            redis,
+        )
     }
 
     fn build(config: LimitsConfig, store: Option<Arc<QuotaStore>>) -> Result<Limits, String> {
+        Self::build_with(config, store, None)
+    }
+
+    fn build_with(
+        config: LimitsConfig,
+        store: Option<Arc<QuotaStore>>,
+        redis: Option<Arc<RedisStore>>,
+    ) -> Result<Limits, String> {
         config
             .validate()
             .map_err(|(key, msg)| format!("limits.{key}: {msg}"))?;
@@ -128,25 +173,56 @@ impl Limits {
             (None, Some(dir)) => Arc::new(QuotaStore::open(dir)?),
             (None, None) => Arc::new(QuotaStore::in_memory()),
         };
+        let redis = match (redis, config.store.kind) {
+            (_, StoreKind::Memory) => None,
+            (Some(redis), StoreKind::Redis) => Some(redis),
+            (None, StoreKind::Redis) => {
+                let redis = RedisStore::open(config.store.clone())?;
+                // Redis becomes the source of truth: offer it the totals this
+                // replica kept so far (kept only where Redis has none)
+                if store.is_persistent() {
+                    redis.import(
+                        store
+                            .all()
+                            .into_iter()
+                            .map(|(id, e)| (id, e.used))
+                            .collect(),
+                    );
+                }
+                Some(redis)
+            }
+        };
+        // with a shared store, this replica's own counters are the fail_open
+        // fallback: each limit divided by `replicas`
+        let local = |spec: &LimitSpec| match &redis {
+            Some(_) => divided(spec, config.store.replicas),
+            None => spec.clone(),
+        };
         let models = config
             .models
             .iter()
             .map(|(m, spec)| {
                 (
                     m.clone(),
-                    Arc::new(Level::new(Scope::Model(m.clone()), spec)),
+                    Arc::new(Level::new(Scope::Model(m.clone()), &local(spec))),
                 )
             })
             .collect();
         Ok(Limits {
             shared: Arc::new(Shared {
-                global: Arc::new(Level::new(Scope::Gateway, &config.global)),
+                global: Arc::new(Level::new(Scope::Gateway, &local(&config.global))),
                 models,
                 principals: Mutex::new(HashMap::new()),
                 store,
+                redis,
                 config,
             }),
         })
+    }
+
+    /// The shared store, with `store: { kind: redis }`.
+    pub fn redis(&self) -> Option<&Arc<RedisStore>> {
+        self.shared.redis.as_ref()
     }
 
     /// Decide whether a request may run now; see the module docs for the
@@ -171,7 +247,62 @@ impl Limits {
         if let Some((_, level)) = &principal {
             levels.push(level.clone());
         }
-        admission::admit(&levels, principal, &shared.store, estimate)
+        if let Some(redis) = &shared.redis {
+            let pending = self.pending(redis, levels, identity, estimate, info.model);
+            if redis.is_up() {
+                return Ok(Admission::pending(pending));
+            }
+            // known down: on_error at once, without waiting on Redis again
+            return admission::fallback(&pending);
+        }
+        let principal = principal.map(|(id, level)| (id.id.as_str(), id.user.as_str(), level));
+        admission::admit(
+            &levels,
+            principal,
+            &Ledger::Local(shared.store.clone()),
+            estimate,
+        )
+    }
+
+    /// The Redis check of a request: the full (not divided) limits.
+    fn pending(
+        &self,
+        redis: &Arc<RedisStore>,
+        levels: Vec<Arc<Level>>,
+        identity: Option<&Identity>,
+        estimate: u64,
+        model: Option<&str>,
+    ) -> Pending {
+        let config = &self.shared.config;
+        let level = |scope: String, spec: &LimitSpec, count: bool| {
+            let (burst, rate) = level::requests_shape(spec).unwrap_or((0.0, 0.0));
+            SharedLevel {
+                scope,
+                rate,
+                burst,
+                concurrent: match spec.concurrent {
+                    Some(n) => i64::from(n),
+                    None if count => -1,
+                    None => 0,
+                },
+                tokens_per_minute: spec.tokens_per_minute.unwrap_or(0),
+            }
+        };
+        let mut shared = vec![level("gateway".to_string(), &config.global, false)];
+        if let Some((m, spec)) = model.and_then(|m| config.models.get_key_value(m)) {
+            shared.push(level(format!("model:{m}"), spec, false));
+        }
+        if let Some(id) = identity {
+            let spec = effective_spec(&config.per_key, &id.limits);
+            shared.push(level(id.id.clone(), &spec, true));
+        }
+        Pending {
+            store: redis.clone(),
+            shared,
+            levels,
+            identity: identity.map(|id| (id.id.clone(), id.user.clone(), id.quota)),
+            estimate,
+        }
     }
 
     /// The persisted token total of `identity_id` (0 if none).
@@ -179,9 +310,9 @@ impl Limits {
         self.shared.store.used(identity_id)
     }
 
-    /// Whether quota totals are persisted (`data_dir` is set).
+    /// Whether quota totals are persisted (`data_dir` is set, or Redis).
     pub fn has_store(&self) -> bool {
-        self.shared.store.is_persistent()
+        self.shared.store.is_persistent() || self.shared.redis.is_some()
     }
 
     /// The config these limits were built from.
@@ -191,7 +322,11 @@ impl Limits {
 
     /// Problems to log since the last call (e.g. a quota store write failed).
     pub fn take_warnings(&self) -> Vec<String> {
-        self.shared.store.take_warnings()
+        let mut out = self.shared.store.take_warnings();
+        if let Some(redis) = &self.shared.redis {
+            out.extend(redis.take_warnings());
+        }
+        out
     }
 
     /// Every identity seen since start, plus every identity with a persisted
@@ -247,7 +382,10 @@ impl Limits {
     /// limits, name and quota.
     fn principal(&self, identity: &Identity) -> Arc<Level> {
         let shared = &self.shared;
-        let spec = effective_spec(&shared.config.per_key, &identity.limits);
+        let mut spec = effective_spec(&shared.config.per_key, &identity.limits);
+        if shared.redis.is_some() {
+            spec = divided(&spec, shared.config.store.replicas);
+        }
         let level = {
             let mut map = lock(&shared.principals);
             match map.get(&identity.id) {
@@ -265,7 +403,7 @@ impl Limits {
             st.user = Some(identity.user.clone());
         }
         st.quota = identity.quota;
-        if st.quota.is_some() && !shared.store.is_persistent() && !st.warned_unpersisted {
+        if st.quota.is_some() && !self.has_store() && !st.warned_unpersisted {
             st.warned_unpersisted = true;
             shared.store.warn(format!(
                 "{} has a token quota but limits.data_dir is not set: its usage is counted in memory only and starts from 0 after a restart",
@@ -308,6 +446,23 @@ impl Filter for LimitsFilter {
 /// the one panicking update) rather than turning every request into a panic.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One replica's share of a limit: rates and counts divided by `replicas`
+/// (at least 1 request at once, bursts at least 1).
+fn divided(spec: &LimitSpec, replicas: u32) -> LimitSpec {
+    if replicas <= 1 {
+        return spec.clone();
+    }
+    let n = f64::from(replicas);
+    LimitSpec {
+        requests_per_second: spec.requests_per_second.map(|r| r / n),
+        burst: spec.burst.map(|b| b.div_ceil(replicas).max(1)),
+        concurrent: spec.concurrent.map(|c| c.div_ceil(replicas).max(1)),
+        tokens_per_minute: spec
+            .tokens_per_minute
+            .map(|t| t.div_ceil(u64::from(replicas)).max(1)),
+    }
 }
 
 fn floor_u64(x: f64) -> u64 {
