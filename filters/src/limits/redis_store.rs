@@ -15,7 +15,7 @@
 //! is marked down and every admission follows `on_error` at once, without
 //! waiting on Redis again: `fail_open` admits against this replica's own
 //! counters (each limit divided by `replicas`), `fail_closed` refuses with a
-//! 503. A probe pings Redis every second; when it answers, the quota usage
+//! 503. A probe pings Redis every 200 ms while it is down; when it answers, the quota usage
 //! settled meanwhile is added to Redis (nothing counted is lost) and shared
 //! counting resumes.
 //!
@@ -636,13 +636,16 @@ impl RedisStore {
     }
 }
 
-/// Lease renewal every `lease / 3` (at most every second while Redis is
-/// down, to notice it back); ends with the store.
+/// While Redis is down, it is pinged this often.
+const PROBE_PERIOD: Duration = Duration::from_millis(200);
+
+/// Lease renewal every `lease / 3` (a ping every [`PROBE_PERIOD`] while Redis
+/// is down, to notice it back); ends with the store.
 async fn background(store: Weak<RedisStore>) {
     loop {
         let period = match store.upgrade() {
             Some(s) if s.is_up() => s.config.lease / 3,
-            Some(s) => (s.config.lease / 3).min(Duration::from_secs(1)),
+            Some(s) => (s.config.lease / 3).min(PROBE_PERIOD),
             None => return,
         };
         tokio::time::sleep(period.max(Duration::from_millis(50))).await;
