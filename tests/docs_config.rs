@@ -65,7 +65,7 @@ const SCHEMA: &[(&str, &[&str], &[&str])] = &[
     ),
     (
         "filters/src/limits/config.rs",
-        &["LimitsConfig"],
+        &["LimitsConfig", "StoreConfig"],
         &["docs/configuration.md", "docs/limits.md"],
     ),
     ("filters/src/lib.rs", &["LimitSpec"], &["docs/limits.md"]),

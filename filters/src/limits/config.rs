@@ -35,7 +35,7 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// `redis://host:port/db` (or `rediss://` for TLS). No password here:
+    /// `redis://host:port/db` (no TLS yet). No password here:
     /// it comes from `password_file` / `password_env`, or the whole URL from
     /// `url_file` / `url_env`.
     pub url: Option<String>,
@@ -127,11 +127,7 @@ impl StoreConfig {
             }
             _ => return Err("limits.store: give one of url, url_file, url_env".to_string()),
         };
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(
-                "limits.store.url: must start with redis:// (or rediss:// for TLS)".to_string(),
-            );
-        }
+        check_scheme(&url).map_err(|msg| format!("limits.store.url: {msg}"))?;
         let password = match (&self.password_file, &self.password_env) {
             (Some(path), None) => Some(read_file("password_file", path)?),
             (None, Some(var)) => Some(read_env("password_env", var)?),
@@ -180,12 +176,7 @@ impl StoreConfig {
                     "holds credentials; keep secrets out of the YAML: put the password in password_file or password_env (or the whole URL in url_file / url_env)".to_string(),
                 ));
             }
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err((
-                    "store.url".to_string(),
-                    "must start with redis:// (or rediss:// for TLS)".to_string(),
-                ));
-            }
+            check_scheme(url).map_err(|msg| ("store.url".to_string(), msg))?;
         }
         let sources = [
             self.url.is_some(),
@@ -222,6 +213,17 @@ impl StoreConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `redis://` only: this build has no TLS client for Redis.
+fn check_scheme(url: &str) -> Result<(), String> {
+    if url.starts_with("redis://") {
+        Ok(())
+    } else if url.starts_with("rediss://") {
+        Err("rediss:// (TLS) is not built into this gateway yet; reach Redis over a private network or a TLS sidecar (e.g. stunnel) with redis://".to_string())
+    } else {
+        Err("must start with redis://, e.g. redis://127.0.0.1:6379/0".to_string())
     }
 }
 
@@ -337,5 +339,62 @@ pub(crate) fn effective_spec(per_key: &LimitSpec, own: &LimitSpec) -> LimitSpec 
             .tokens_per_minute
             .filter(|t| *t >= 1)
             .or(per_key.tokens_per_minute),
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    fn redis(url: &str) -> StoreConfig {
+        StoreConfig {
+            kind: StoreKind::Redis,
+            url: Some(url.to_string()),
+            on_error: Some(OnStoreError::FailOpen),
+            ..StoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_percent_encoded_and_never_from_the_yaml() {
+        let dir = std::env::temp_dir().join(format!("ig-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "p@ss/word\n").unwrap();
+        let mut c = redis("redis://10.0.0.5:6379/2");
+        c.password_file = Some(file);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.resolved_url().unwrap(),
+            "redis://:p%40ss%2Fword@10.0.0.5:6379/2"
+        );
+        let (key, msg) = redis("redis://u:pw@h:6379").validate().unwrap_err();
+        assert_eq!(key, "store.url");
+        assert!(!msg.contains("pw@"), "{msg}");
+        assert!(redis("rediss://h:6379").validate().is_err());
+        let mut missing = redis("redis://h");
+        missing.on_error = None;
+        assert_eq!(missing.validate().unwrap_err().0, "store.on_error");
+        let mut short = redis("redis://h");
+        short.lease = Duration::from_millis(200);
+        assert_eq!(short.validate().unwrap_err().0, "store.lease");
+        assert_eq!(
+            StoreConfig::default().validate(),
+            Ok(()),
+            "memory needs nothing"
+        );
+    }
+
+    #[test]
+    fn durations_read_like_the_rest_of_the_config() {
+        let c: StoreConfig = serde_yaml::from_str(
+            "{kind: redis, url: \"redis://h\", on_error: fail_closed, timeout: 50ms, lease: 1m}",
+        )
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(50));
+        assert_eq!(c.lease, Duration::from_secs(60));
+        assert_eq!(c.on_error, Some(OnStoreError::FailClosed));
+        let err = serde_yaml::from_str::<StoreConfig>("{timeout: soon}").unwrap_err();
+        assert!(err.to_string().contains("not a duration"), "{err}");
     }
 }

@@ -475,3 +475,25 @@ fn floor_u64(x: f64) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod divided_tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_share_divides_rates_and_counts_and_keeps_at_least_one() {
+        let spec = LimitSpec {
+            requests_per_second: Some(50.0),
+            burst: Some(10),
+            concurrent: Some(4),
+            tokens_per_minute: Some(100),
+        };
+        let third = divided(&spec, 3);
+        assert!((third.requests_per_second.unwrap() - 50.0 / 3.0).abs() < 1e-9);
+        assert_eq!(third.burst, Some(4));
+        assert_eq!(third.concurrent, Some(2));
+        assert_eq!(third.tokens_per_minute, Some(34));
+        assert_eq!(divided(&spec, 1), spec);
+        assert_eq!(divided(&spec, 100).concurrent, Some(1));
+    }
+}
