@@ -359,19 +359,8 @@ impl Limits {
         }
         for (id, entry) in self.shared.store.all() {
             let status = out.entry(id.clone()).or_insert_with(|| PrincipalStatus {
-                id,
                 user: entry.user.clone(),
-                in_flight: 0,
-                concurrent: None,
-                quota: None,
-                quota_used: 0,
-                reserved_tokens: 0,
-                tokens_used_since_start: 0,
-                estimated_usage_requests: 0,
-                tokens_per_minute: None,
-                tokens_remaining_this_minute: None,
-                requests_per_second: None,
-                requests_remaining: None,
+                ..PrincipalStatus::unseen(id, 0)
             });
             status.quota_used = entry.used;
         }
