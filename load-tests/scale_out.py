@@ -90,6 +90,16 @@ class Redis:
     def cli(self, *args):
         return subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True).stdout
 
+    def commandstats(self):
+        """{command: (calls, usec per call)} since the last CONFIG RESETSTAT."""
+        out = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line.partition(":")
+                f = dict(kv.split("=", 1) for kv in fields.strip().split(","))
+                out[name[len("cmdstat_"):]] = (int(f["calls"]), float(f["usec_per_call"]))
+        return out
+
     def url(self):
         return f"redis://127.0.0.1:{self.port}/0"
 
@@ -268,6 +278,7 @@ def cost(lab, redis, args):
         for kind in (("memory", "redis") if r % 2 == 0 else ("redis", "memory")):
             p, addr = gws[kind]
             for conns in (1, 64):
+                redis.cli("CONFIG", "RESETSTAT")
                 cpu0 = L.cpu_seconds([p.pid])
                 rcpu0 = L.cpu_seconds([redis_pid])
                 x = run_wrk(lab, addr, conns, secs)
@@ -276,13 +287,15 @@ def cost(lab, redis, args):
                 n = max(1, x["requests"])
                 row = {"rps": x["requests"] / (x["duration_us"] / 1e6), "p50_us": x["latency_us"]["p50"],
                        "p99_us": x["latency_us"]["p99"], "cpu_us_per_req": cpu / n * 1e6,
-                       "redis_cpu_us_per_req": rcpu / n * 1e6, "non2xx": x["errors"]["status"]}
+                       "redis_cpu_us_per_req": rcpu / n * 1e6, "non2xx": x["errors"]["status"],
+                       "redis_commands": redis.commandstats()}
                 rows[kind][conns].append(row)
                 log(f"cost r{r} {kind:6} c{conns:<2} {row['rps']:8.0f} req/s p50 {row['p50_us']} us "
-                    f"p99 {row['p99_us']} us gw {row['cpu_us_per_req']:.1f} us/req redis {row['redis_cpu_us_per_req']:.1f} us/req non2xx {row['non2xx']}")
+                    f"p99 {row['p99_us']} us gw {row['cpu_us_per_req']:.1f} us/req redis {row['redis_cpu_us_per_req']:.1f} us/req non2xx {row['non2xx']}"
+                    + "".join(f" {c} {v[0]}x{v[1]:.0f}us" for c, v in sorted(row["redis_commands"].items())))
     med = {}
     for kind, by in rows.items():
-        med[kind] = {c: {k: statistics_median([r[k] for r in rs]) for k in rs[0]} for c, rs in by.items()}
+        med[kind] = {c: {k: statistics_median([r[k] for r in rs]) for k in rs[0] if k != "redis_commands"} for c, rs in by.items()}
     return {"rounds": rounds, "seconds": secs, "median": med, "raw": rows}
 
 

@@ -528,3 +528,75 @@ fn the_store_config_keeps_secrets_out_of_the_yaml() {
     );
     assert!(ok, "{err}");
 }
+
+#[test]
+fn a_dead_replicas_quota_reservation_comes_back_and_settles_survive_a_script_flush() {
+    let redis = Redis::start();
+    let engine = mock(&["--model", "tiny-chat", "--tokens", "4"]);
+    let dir = tempfile::tempdir().unwrap().keep();
+    // a held stream reserves its estimate (prompt + max_tokens 4, ~10
+    // tokens) against a quota of 12: while it runs, nothing else fits
+    let keys = keys_file(&dir, json!({"quota": 12}));
+    let mut shared = replicas(2, &engine, &keys, &redis_store(&redis, "fail_closed"));
+    let held = hold(&shared[0]);
+    let (status, body) = send(&shared[1]);
+    assert_eq!(status, 429, "the reservation on replica 0 counts: {body}");
+    assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+    // kill -9 the replica holding the reservation: it comes back when the
+    // lease (2s) runs out, not never
+    shared[0].kill();
+    drop(held);
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(8),
+        "the dead replica's reservation to expire",
+        || send(&shared[1]).0 == 200,
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "reservation back after {:?} (lease 2s)",
+        killed.elapsed()
+    );
+    let mut used = 0;
+    wait_until(Duration::from_secs(5), "the usage settled", || {
+        used = quota_used(&shared[1]);
+        used > 0
+    });
+
+    // Redis forgets its scripts (SCRIPT FLUSH, or a restart without the
+    // cache): settlements, sent as one pipeline, load the script again
+    // instead of counting Redis as down, and nothing is lost
+    let keys = keys_file(&dir, json!({"quota": 100000}));
+    let gw = replicas(1, &engine, &keys, &redis_store(&redis, "fail_closed"));
+    assert_eq!(send(&gw[0]).0, 200);
+    let mut before = 0;
+    wait_until(Duration::from_secs(5), "the first usage settled", || {
+        before = quota_used(&gw[0]);
+        before > used
+    });
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(send(&gw[0]).0, 200);
+    let per_request = before - used;
+    wait_until(
+        Duration::from_secs(5),
+        "usage settled after the flush",
+        || quota_used(&gw[0]) == before + per_request,
+    );
+    assert_eq!(
+        store_status(&gw[0]),
+        "up",
+        "a missing script is not an outage"
+    );
+    let errors = metrics_text(&gw[0]);
+    assert!(
+        errors
+            .lines()
+            .any(|l| l == "infergate_limits_store_errors_total{kind=\"redis\"} 0"),
+        "{}",
+        errors
+            .lines()
+            .filter(|l| l.contains("limits_store"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -2,27 +2,32 @@
 //! concurrency slots and lifetime quotas shared by every replica that points
 //! at one Redis (or Valkey).
 //!
-//! One admission is one server-side script (`EVALSHA`): it refills and checks
-//! every level's buckets, expires dead concurrency leases, checks the quota
+//! An admission is one server-side script (`EVALSHA`): it refills and checks
+//! every level's buckets, checks the concurrency leases and the quota
 //! against the persisted total plus live reservations, and takes everything
-//! or nothing — one round trip. Settlement is one more script, run in the
-//! background. Concurrency slots and quota reservations are leases (a sorted
-//! set member scored by its expiry, Redis' own clock): this replica renews
-//! its leases every `lease / 3`, so a replica that dies (`kill -9`) gives its
-//! slots back within `lease`.
+//! or nothing — one round trip. Admissions that arrive while a call is out
+//! go together in the next call (one script run for the batch, each key
+//! read and written once), the way a group commit does; settlements are
+//! batched the same way, in the background, aggregated per key. Each
+//! Pingora worker thread has its own admitter, flusher and connection, so a
+//! request's Redis call does not hop to another thread and back.
+//!
+//! Concurrency slots and quota reservations are leases (a sorted set member
+//! scored by its expiry, Redis' own clock): this replica renews its leases
+//! every `lease / 3`, so a replica that dies (`kill -9`) gives its slots and
+//! reservations back within `lease`.
 //!
 //! When Redis is slow or down (a call fails or outlasts `timeout`) the store
 //! is marked down and every admission follows `on_error` at once, without
 //! waiting on Redis again: `fail_open` admits against this replica's own
 //! counters (each limit divided by `replicas`), `fail_closed` refuses with a
-//! 503. A probe pings Redis every 200 ms while it is down; when it answers, the quota usage
-//! settled meanwhile is added to Redis (nothing counted is lost) and shared
-//! counting resumes.
+//! 503. A probe pings Redis every 200 ms while it is down; when it answers,
+//! the quota usage settled meanwhile is added to Redis (nothing counted is
+//! lost) and shared counting resumes.
 //!
 //! The client is `redis` (redis-rs), the maintained Rust client, with its
 //! `ConnectionManager` (one multiplexed connection, reconnects on its own).
-//! It runs on a small runtime of its own, so Redis I/O never depends on which
-//! of Pingora's runtimes a request is on.
+//! Lease renewal and the probe run on a small runtime of the store's own.
 
 use super::config::{OnStoreError, StoreConfig};
 use super::lock;
@@ -49,141 +54,229 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     .map_err(Clone::clone)
 }
 
-/// Check and take, at every level, all or nothing (see the module docs).
+/// Check and take, for a batch of admissions in arrival order, each all or
+/// nothing at every level (see the module docs).
 ///
-/// KEYS: per level i (1..n): `3i-2` requests bucket, `3i-1` lease set,
-/// `3i` tokens bucket; then the quota hash, the identity's reservation set
-/// and its reservation amounts.
-/// ARGV: lease, lease ms, estimate, n, quota (-1: none), identity id ('' for
-/// none), then per level: rate/s (0: none), burst, concurrent (0: not
-/// counted, -1: counted, unlimited), tokens per minute (0: none).
-/// Returns {status, level, wait ms, quota used, requests left, requests cap,
-/// tokens left, tokens cap}; status: ok, quota, rps, conc, tpm, large.
+/// Per level, one hash `<scope>:b` holds the requests bucket (`r`, `rts`),
+/// the tokens bucket (`t`, `tts`), at the identity's level the sum of its
+/// live quota reservations (`rs`), and when the key's expiry was last
+/// pushed (`x`); one sorted set `<scope>:conc` holds the concurrency leases
+/// (members `<lease>|<estimate>`, scored by expiry). A key is read once and
+/// written once per batch, however many admissions of the batch touch it.
+/// Expired leases are swept only when they could matter (a level at its
+/// limit, a quota that looks used up) and every 10 minutes per level.
+///
+/// KEYS: the quota hash, then every other key the batch uses, once.
+/// ARGV: lease ms, m (admissions), then per admission: lease member,
+/// estimate, quota (-1: none), identity id ('' for none; its level is the
+/// last), n (levels), then per level: hash key index (0: not needed), set
+/// key index, rate/s (0: none), burst, concurrent (0: not counted, -1:
+/// counted, unlimited), tokens per minute (0: none), hash ttl ms.
+/// Returns per admission {status, level, wait ms, quota used, requests
+/// left, requests cap, tokens left, tokens cap}; status: ok, quota, rps,
+/// conc, tpm, large.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, lease_ms, est, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local quota, id = tonumber(ARGV[5]), ARGV[6]
-local qk, rz, rh = KEYS[3 * n + 1], KEYS[3 * n + 2], KEYS[3 * n + 3]
-local function arg(i, j) return tonumber(ARGV[6 + (i - 1) * 4 + j]) end
-local used = 0
-if id ~= '' then
-  local dead = redis.call('ZRANGEBYSCORE', rz, '-inf', now)
-  if #dead > 0 then
-    redis.call('ZREM', rz, unpack(dead))
-    redis.call('HDEL', rh, unpack(dead))
+local lease_ms, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local H, Z, U = {}, {}, {}
+local function hash(k)
+  local h = H[k]
+  if h == nil then
+    local v = redis.call('HMGET', KEYS[k], 'r', 'rts', 't', 'tts', 'rs', 'x')
+    h = {r = tonumber(v[1]), rts = tonumber(v[2]), t = tonumber(v[3]), tts = tonumber(v[4]),
+         rs = math.max(0, tonumber(v[5]) or 0), x = tonumber(v[6]), w = {}, ttl = 0}
+    H[k] = h
   end
-  used = tonumber(redis.call('HGET', qk, id) or '0')
-  if quota >= 0 then
-    local reserved = 0
-    for _, v in ipairs(redis.call('HVALS', rh)) do reserved = reserved + tonumber(v) end
-    if used + reserved >= quota then return {'quota', n, 0, used, -1, -1, -1, -1} end
-  end
+  return h
 end
-local function level(key, cap, rate)
-  local v = redis.call('HMGET', key, 't', 'ts')
-  local tokens, ts = tonumber(v[1]), tonumber(v[2])
-  if tokens == nil or ts == nil then return cap end
-  return math.min(cap, tokens + math.max(0, now - ts) * rate / 1000)
+local function set(k)
+  local z = Z[k]
+  if z == nil then z = {add = {}}; Z[k] = z end
+  return z
 end
-local rps, tpm = {}, {}
-for i = 1, n do
-  local rate, burst = arg(i, 1), arg(i, 2)
-  if rate > 0 then
-    local tokens = level(KEYS[3 * i - 2], burst, rate)
-    if tokens < 1 then
-      return {'rps', i, math.ceil((1 - tokens) * 1000 / rate), used, 0, burst, -1, -1}
+local function card(k)
+  local z = set(k)
+  if z.card == nil then z.card = redis.call('ZCARD', KEYS[k]) + #z.add / 2 end
+  return z.card
+end
+local function sweep(k, hk)
+  local z = set(k)
+  if not z.swept then
+    z.swept = true
+    local dead = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', now, 'LIMIT', 0, 1000)
+    if #dead > 0 then
+      redis.call('ZREM', KEYS[k], unpack(dead))
+      if hk > 0 then
+        local gone = 0
+        for _, mb in ipairs(dead) do gone = gone + (tonumber(string.match(mb, '|(%d+)$')) or 0) end
+        local h = hash(hk)
+        h.rs = math.max(0, h.rs - gone)
+        h.w.rs = true
+      end
+      z.card = nil
     end
-    rps[i] = tokens
   end
+  return card(k)
 end
-for i = 1, n do
-  local limit = arg(i, 3)
-  if limit > 0 then
-    local k = KEYS[3 * i - 1]
-    redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-    if redis.call('ZCARD', k) >= limit then return {'conc', i, 1000, used, -1, -1, -1, -1} end
-  end
+local function fill(amount, ts, cap, rate)
+  if amount == nil or ts == nil then return cap end
+  return math.min(cap, amount + math.max(0, now - ts) * rate / 1000)
 end
-for i = 1, n do
-  local cap = arg(i, 4)
-  if cap > 0 then
-    if est > cap then return {'large', i, 0, used, -1, -1, -1, -1} end
-    local tokens = level(KEYS[3 * i], cap, cap / 60)
-    if tokens < est then
-      return {'tpm', i, math.ceil((est - tokens) * 60000 / cap), used, -1, -1, math.max(0, tokens), cap}
+local function admit(member, est, quota, id, n, L)
+  local used = 0
+  if id ~= '' then
+    if U[id] == nil then U[id] = tonumber(redis.call('HGET', KEYS[1], id) or '0') end
+    used = U[id]
+    if quota >= 0 and used + hash(L[n].hk).rs >= quota then
+      sweep(L[n].zk, L[n].hk)
+      if used + hash(L[n].hk).rs >= quota then return {'quota', n, 0, used, -1, -1, -1, -1} end
     end
-    tpm[i] = tokens
   end
+  local rps, tpm = {}, {}
+  for i = 1, n do
+    local l = L[i]
+    if l.rate > 0 then
+      local h = hash(l.hk)
+      local tokens = fill(h.r, h.rts, l.burst, l.rate)
+      if tokens < 1 then
+        return {'rps', i, math.ceil((1 - tokens) * 1000 / l.rate), used, 0, l.burst, -1, -1}
+      end
+      rps[i] = tokens
+    end
+  end
+  for i = 1, n do
+    local l = L[i]
+    local own = (id ~= '' and i == n) and l.hk or 0
+    if l.conc > 0 and card(l.zk) >= l.conc and sweep(l.zk, own) >= l.conc then
+      return {'conc', i, 1000, used, -1, -1, -1, -1}
+    end
+  end
+  for i = 1, n do
+    local l = L[i]
+    if l.tpm > 0 then
+      if est > l.tpm then return {'large', i, 0, used, -1, -1, -1, -1} end
+      local h = hash(l.hk)
+      local tokens = fill(h.t, h.tts, l.tpm, l.tpm / 60)
+      if tokens < est then
+        return {'tpm', i, math.ceil((est - tokens) * 60000 / l.tpm), used, -1, -1, math.max(0, tokens), l.tpm}
+      end
+      tpm[i] = tokens
+    end
+  end
+  local req_left, req_cap, tok_left, tok_cap = -1, -1, -1, -1
+  for i = 1, n do
+    local l = L[i]
+    local own = id ~= '' and i == n
+    if l.hk > 0 then
+      local h = hash(l.hk)
+      if rps[i] then
+        h.r, h.rts, h.w.r = rps[i] - 1, now, true
+        if req_left < 0 or h.r < req_left then req_left, req_cap = h.r, l.burst end
+      end
+      if tpm[i] then
+        h.t, h.tts, h.w.t = tpm[i] - est, now, true
+        if tok_left < 0 or h.t < tok_left then tok_left, tok_cap = h.t, l.tpm end
+      end
+      if own then h.rs, h.w.rs = h.rs + est, true end
+      h.ttl = math.max(h.ttl, l.ttl)
+      if (h.x == nil or now - h.x > 600000) and l.conc ~= 0 then sweep(l.zk, own and l.hk or 0) end
+    end
+    if l.conc ~= 0 then
+      local z = set(l.zk)
+      z.add[#z.add + 1] = now + lease_ms
+      z.add[#z.add + 1] = member
+      if z.card then z.card = z.card + 1 end
+    end
+  end
+  return {'ok', 0, 0, used, math.floor(req_left), req_cap, math.floor(tok_left), tok_cap}
 end
-local req_left, req_cap, tok_left, tok_cap = -1, -1, -1, -1
-for i = 1, n do
-  if rps[i] then
-    local k, left = KEYS[3 * i - 2], rps[i] - 1
-    redis.call('HSET', k, 't', left, 'ts', now)
-    redis.call('PEXPIRE', k, math.ceil(arg(i, 2) * 1000 / arg(i, 1)) + 1000)
-    if req_left < 0 or left < req_left then req_left, req_cap = left, arg(i, 2) end
+local out, p = {}, 3
+for a = 1, m do
+  local member, est, quota, id, n = ARGV[p], tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), ARGV[p + 3], tonumber(ARGV[p + 4])
+  local L = {}
+  for i = 1, n do
+    local q = p + 5 + (i - 1) * 7
+    L[i] = {hk = tonumber(ARGV[q]), zk = tonumber(ARGV[q + 1]), rate = tonumber(ARGV[q + 2]),
+            burst = tonumber(ARGV[q + 3]), conc = tonumber(ARGV[q + 4]), tpm = tonumber(ARGV[q + 5]),
+            ttl = tonumber(ARGV[q + 6])}
   end
-  if arg(i, 3) ~= 0 then
-    local k = KEYS[3 * i - 1]
-    if arg(i, 3) < 0 then redis.call('ZREMRANGEBYSCORE', k, '-inf', now) end
-    redis.call('ZADD', k, now + lease_ms, lease)
-    redis.call('PEXPIRE', k, lease_ms * 2)
-  end
-  if tpm[i] then
-    local k, left = KEYS[3 * i], tpm[i] - est
-    redis.call('HSET', k, 't', left, 'ts', now)
-    redis.call('PEXPIRE', k, 61000)
-    if tok_left < 0 or left < tok_left then tok_left, tok_cap = left, arg(i, 4) end
-  end
+  p = p + 5 + n * 7
+  out[a] = admit(member, est, quota, id, n, L)
 end
-if id ~= '' then
-  redis.call('ZADD', rz, now + lease_ms, lease)
-  redis.call('HSET', rh, lease, est)
-  redis.call('PEXPIRE', rz, lease_ms * 2)
-  redis.call('PEXPIRE', rh, lease_ms * 2)
+for k, h in pairs(H) do
+  local f = {}
+  if h.w.r then f[#f + 1] = 'r'; f[#f + 1] = h.r; f[#f + 1] = 'rts'; f[#f + 1] = h.rts end
+  if h.w.t then f[#f + 1] = 't'; f[#f + 1] = h.t; f[#f + 1] = 'tts'; f[#f + 1] = h.tts end
+  if h.w.rs then f[#f + 1] = 'rs'; f[#f + 1] = h.rs end
+  local stale = #f > 0 and (h.x == nil or now - h.x > 600000)
+  if stale then f[#f + 1] = 'x'; f[#f + 1] = now end
+  if #f > 0 then redis.call('HSET', KEYS[k], unpack(f)) end
+  if stale then redis.call('PEXPIRE', KEYS[k], h.ttl) end
 end
-return {'ok', 0, 0, used, math.floor(req_left), req_cap, math.floor(tok_left), tok_cap}
+for k, z in pairs(Z) do
+  if #z.add > 0 then redis.call('ZADD', KEYS[k], unpack(z.add)) end
+end
+return out
 ";
 
-/// Give back what an admission holds and charge its usage.
+/// Give back what a batch of admissions holds and charge its usage,
+/// aggregated per key in the gateway.
 ///
-/// KEYS: `nt` tokens buckets, `nc` lease sets, quota hash, reservation set,
-/// reservation amounts. ARGV: lease, reserved, used (-1: refund), identity
-/// ('' none), persist (1/0), nt, nc.
+/// KEYS: the quota hash, then every other key, once.
+/// ARGV: nt, then nt × (hash key index, tokens to give back; negative: debt);
+/// ns, then per lease set: set key index, the identity's hash key index (0:
+/// not an identity's set), count, then count × (member, estimate); nq,
+/// then nq × (identity, tokens used).
+/// A lease already swept as expired (its replica looked dead) is not
+/// subtracted from the reservations twice.
 const SETTLE: &str = r"
-local lease, reserved, used, id = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local persist, nt, nc = ARGV[5] == '1', tonumber(ARGV[6]), tonumber(ARGV[7])
-local charge = used
-if charge < 0 then charge = 0 end
+local p = 1
+local nt = tonumber(ARGV[p]); p = p + 1
 for i = 1, nt do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('HINCRBYFLOAT', KEYS[i], 't', reserved - charge)
+  redis.call('HINCRBYFLOAT', KEYS[tonumber(ARGV[p])], 't', ARGV[p + 1])
+  p = p + 2
+end
+local ns = tonumber(ARGV[p]); p = p + 1
+for i = 1, ns do
+  local zk, hk, cnt = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  p = p + 3
+  local members, ests = {}, {}
+  for j = 1, cnt do
+    members[j], ests[j] = ARGV[p], tonumber(ARGV[p + 1])
+    p = p + 2
+  end
+  if hk == 0 then
+    redis.call('ZREM', KEYS[zk], unpack(members))
+  else
+    local scores = redis.call('ZMSCORE', KEYS[zk], unpack(members))
+    local live, gone = {}, 0
+    for j = 1, cnt do
+      if scores[j] then live[#live + 1] = members[j]; gone = gone + ests[j] end
+    end
+    if #live > 0 then
+      redis.call('ZREM', KEYS[zk], unpack(live))
+      redis.call('HINCRBY', KEYS[hk], 'rs', -gone)
+    end
   end
 end
-for i = 1, nc do redis.call('ZREM', KEYS[nt + i], lease) end
-if id ~= '' then
-  local qk, rz, rh = KEYS[nt + nc + 1], KEYS[nt + nc + 2], KEYS[nt + nc + 3]
-  if persist and used > 0 then redis.call('HINCRBY', qk, id, used) end
-  redis.call('ZREM', rz, lease)
-  redis.call('HDEL', rh, lease)
+local nq = tonumber(ARGV[p]); p = p + 1
+for i = 1, nq do
+  redis.call('HINCRBY', KEYS[1], ARGV[p], ARGV[p + 1])
+  p = p + 2
 end
 return 1
 ";
 
-/// Extend leases this replica still holds. KEYS: lease sets; ARGV: lease
-/// ms, then the member for each key.
+/// Extend leases this replica still holds (only those not yet swept as
+/// expired). KEYS: lease sets; ARGV: lease ms, then the member for each key.
 const RENEW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ms = tonumber(ARGV[1])
 local renewed = 0
 for i, k in ipairs(KEYS) do
-  if redis.call('ZSCORE', k, ARGV[i + 1]) then
-    redis.call('ZADD', k, now + ms, ARGV[i + 1])
-    redis.call('PEXPIRE', k, ms * 2)
-    renewed = renewed + 1
-  end
+  renewed = renewed + redis.call('ZADD', k, 'XX', 'CH', now + ms, ARGV[i + 1])
 end
 return renewed
 ";
@@ -224,12 +317,61 @@ pub(crate) enum Verdict {
 /// What one admission holds in Redis, to settle or renew.
 #[derive(Debug)]
 pub(crate) struct Lease {
+    /// The lease's member in the lease sets: `<replica>:<n>|<estimate>`.
     pub(crate) id: String,
-    tpm_keys: Vec<String>,
-    lease_keys: Vec<String>,
+    /// Per level held: hash, lease set, flags (see [`SETTLE`]).
+    levels: Vec<(String, String, u8)>,
     identity: Option<String>,
     reserved: u64,
     persist: bool,
+}
+
+/// What a lease holds at one level.
+const HOLDS_TOKENS: u8 = 1;
+const HOLDS_LEASE: u8 = 2;
+const HOLDS_RESERVATION: u8 = 4;
+
+/// Admissions and settlements waiting when a call to Redis ends go in the
+/// next call, at most this many at once.
+const BATCH: usize = 128;
+
+/// A lease set in one settlement batch: its key index, the identity's hash
+/// index (0: not an identity's set), the members to remove with their
+/// reserved tokens.
+type SetRelease<'a> = (usize, usize, Vec<(&'a str, u64)>);
+
+/// One admission waiting for the admitter.
+struct AdmitJob {
+    lease: Lease,
+    quota: i64,
+    /// Per level: rate, burst, concurrent, tokens per minute, hash ttl ms.
+    levels: Vec<(f64, f64, i64, u64, u64)>,
+    reply: tokio::sync::oneshot::Sender<Result<(Verdict, Lease), StoreError>>,
+}
+
+/// The keys of one script call: the quota hash first, each other key once.
+struct KeyTable {
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+}
+
+impl KeyTable {
+    fn new(quota_key: String) -> KeyTable {
+        KeyTable {
+            index: HashMap::from([(quota_key.clone(), 1)]),
+            keys: vec![quota_key],
+        }
+    }
+
+    /// The key's 1-based index in `KEYS`.
+    fn of(&mut self, key: &str) -> usize {
+        if let Some(&i) = self.index.get(key) {
+            return i;
+        }
+        self.keys.push(key.to_string());
+        self.index.insert(key.to_string(), self.keys.len());
+        self.keys.len()
+    }
 }
 
 /// Why a Redis call did not get an answer (never holds the password).
@@ -249,7 +391,7 @@ pub struct RedisStore {
     config: StoreConfig,
     conn: ConnectionManager,
     up: AtomicBool,
-    /// A random id of this process: lease names are `<replica>:<n>`.
+    /// A random id of this process: lease names are `<replica>:<n>|<estimate>`.
     replica: String,
     next_lease: AtomicU64,
     /// Leases this replica holds: lease id → its lease sets.
@@ -262,6 +404,34 @@ pub struct RedisStore {
     pub errors: AtomicU64,
     pub fallbacks: AtomicU64,
     warnings: Mutex<Vec<String>>,
+    /// To open a connection per worker thread.
+    client: redis::Client,
+    manager_config: redis::aio::ConnectionManagerConfig,
+    /// Per thread that admits (a Pingora worker): an admitter and a flusher
+    /// on that thread's runtime, with their own connection, so a request's
+    /// Redis call does not hop to another thread and back.
+    workers: Mutex<HashMap<std::thread::ThreadId, Worker>>,
+    /// The same on the store's runtime, for callers outside a runtime.
+    fallback_worker: Worker,
+}
+
+/// The queues of one admitter and one flusher.
+#[derive(Clone)]
+struct Worker {
+    admissions: tokio::sync::mpsc::UnboundedSender<AdmitJob>,
+    settles: tokio::sync::mpsc::UnboundedSender<(Lease, Option<u64>)>,
+}
+
+/// Start an admitter and a flusher for `store` on the current runtime.
+fn start_worker(store: Weak<RedisStore>, conn: ConnectionManager) -> Worker {
+    let (settles, settle_queue) = tokio::sync::mpsc::unbounded_channel();
+    let (admissions, admit_queue) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(flusher(store.clone(), conn.clone(), settle_queue));
+    tokio::spawn(admitter(store, conn, admit_queue));
+    Worker {
+        admissions,
+        settles,
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -286,12 +456,14 @@ impl RedisStore {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = {
-            let _inside = rt.enter();
-            ConnectionManager::new_lazy_with_config(client, manager_config)
-                .map_err(|e| format!("limits.store: {}", redacted(&e.to_string())))?
-        };
-        let store = Arc::new(RedisStore {
+        let _inside = rt.enter();
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+            .map_err(|e| format!("limits.store: {}", redacted(&e.to_string())))?;
+        let store = Arc::new_cyclic(|weak| RedisStore {
+            fallback_worker: start_worker(weak.clone(), conn.clone()),
+            workers: Mutex::new(HashMap::new()),
+            client,
+            manager_config,
             conn,
             up: AtomicBool::new(true),
             replica: format!("{:016x}", rand::random::<u64>()),
@@ -377,10 +549,27 @@ impl RedisStore {
     {
         let rt = runtime().map_err(StoreError)?;
         let task = rt.spawn(work);
-        let result = match tokio::time::timeout(self.config.timeout, task).await {
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => Err(StoreError(redacted(&e.to_string()))),
-            Ok(Err(e)) => Err(StoreError(format!("the call was lost ({e})"))),
+        self.here(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the call was lost",
+                    e.to_string(),
+                )))
+            })
+        })
+        .await
+    }
+
+    /// Run one Redis call where this runs (the store's runtime), bounded by
+    /// `timeout`; a failure marks the store down.
+    async fn here<T>(
+        &self,
+        work: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(self.config.timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError(redacted(&e.to_string()))),
             Err(_) => Err(StoreError(format!(
                 "no answer within {:?}",
                 self.config.timeout
@@ -393,136 +582,275 @@ impl RedisStore {
         result
     }
 
-    /// The admission script (see [`ADMIT`]). `identity`: id, quota, persist.
+    /// Check and take at every level (see [`ADMIT`]): queued for the
+    /// admitter, which sends what waits as one script call. `identity`: id,
+    /// quota; its level is the last of `levels`.
     pub(crate) async fn admit(
-        &self,
+        self: &Arc<Self>,
         levels: &[SharedLevel],
         identity: Option<(&str, Option<u64>)>,
         estimate: u64,
     ) -> Result<(Verdict, Option<Lease>), StoreError> {
-        let lease_id = format!(
-            "{}:{}",
-            self.replica,
-            self.next_lease.fetch_add(1, Ordering::Relaxed)
-        );
         let lease_ms = self.config.lease.as_millis().max(1) as u64;
-        let mut invocation = ADMIT_SCRIPT.prepare_invoke();
-        let mut tpm_keys = Vec::new();
-        let mut lease_keys = Vec::new();
-        for level in levels {
-            invocation.key(self.key(&level.scope, "rps"));
-            let conc = self.key(&level.scope, "conc");
-            invocation.key(&conc);
-            invocation.key(self.key(&level.scope, "tpm"));
-            if level.concurrent != 0 {
-                lease_keys.push(conc);
-            }
+        let mut held = Vec::with_capacity(levels.len());
+        let mut shape = Vec::with_capacity(levels.len());
+        for (i, level) in levels.iter().enumerate() {
+            let mut flags = 0;
             if level.tokens_per_minute > 0 {
-                tpm_keys.push(self.key(&level.scope, "tpm"));
+                flags |= HOLDS_TOKENS;
+            }
+            if level.concurrent != 0 {
+                flags |= HOLDS_LEASE;
+            }
+            if identity.is_some() && i + 1 == levels.len() {
+                flags |= HOLDS_RESERVATION | HOLDS_LEASE;
+            }
+            held.push((
+                self.key(&level.scope, "b"),
+                self.key(&level.scope, "conc"),
+                flags,
+            ));
+            shape.push((
+                level.rate,
+                level.burst,
+                if flags & HOLDS_RESERVATION != 0 && level.concurrent == 0 {
+                    -1
+                } else {
+                    level.concurrent
+                },
+                level.tokens_per_minute,
+                hash_ttl_ms(level, lease_ms),
+            ));
+        }
+        let lease = Lease {
+            id: format!(
+                "{}:{}|{estimate}",
+                self.replica,
+                self.next_lease.fetch_add(1, Ordering::Relaxed)
+            ),
+            levels: held,
+            identity: identity.map(|(id, _)| id.to_string()),
+            reserved: estimate,
+            persist: identity.is_some_and(|(_, q)| q.is_some()),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = AdmitJob {
+            lease,
+            quota: identity
+                .and_then(|(_, q)| q)
+                .map_or(-1, |q| q.min(i64::MAX as u64) as i64),
+            levels: shape,
+            reply,
+        };
+        if let Err(unsent) = self.worker().admissions.send(job) {
+            // this thread's runtime has ended: use the store's own
+            lock(&self.workers).remove(&std::thread::current().id());
+            if self.fallback_worker.admissions.send(unsent.0).is_err() {
+                return Err(StoreError("the admitter has stopped".into()));
             }
         }
-        let scope = identity.map_or("-", |(id, _)| id);
-        invocation
-            .key(self.quota_key())
-            .key(self.key(scope, "resv"))
-            .key(self.key(scope, "resvt"));
-        invocation
-            .arg(&lease_id)
-            .arg(lease_ms)
-            .arg(estimate)
-            .arg(levels.len())
-            .arg(
-                identity
-                    .and_then(|(_, q)| q)
-                    .map_or(-1, |q| q.min(i64::MAX as u64) as i64),
-            )
-            .arg(identity.map_or("", |(id, _)| id));
-        for level in levels {
-            invocation
-                .arg(level.rate)
-                .arg(level.burst)
-                .arg(level.concurrent)
-                .arg(level.tokens_per_minute);
-        }
-        let mut conn = self.conn.clone();
-        let cmd = invocation;
-        let reply: Vec<redis::Value> = self
-            .call(async move { cmd.invoke_async(&mut conn).await })
-            .await?;
-        self.mark(true, "");
-        let verdict = parse_verdict(&reply)
-            .ok_or_else(|| StoreError(format!("the admission script answered {reply:?}")))?;
+        // The admitter bounds each call by `timeout`; one batch may be ahead.
+        let (verdict, lease) = match tokio::time::timeout(self.config.timeout * 2, answer).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(StoreError("the admission was lost".into())),
+            Err(_) => {
+                let e = StoreError(format!("no answer within {:?}", self.config.timeout * 2));
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.mark(false, &e.0);
+                return Err(e);
+            }
+        };
         if let (Some((id, _)), Verdict::Ok { quota_used, .. }) = (identity, &verdict) {
             lock(&self.last_used).insert(id.to_string(), *quota_used);
         }
-        let lease = match verdict {
+        match verdict {
             Verdict::Ok { .. } => {
-                if let Some((id, _)) = identity {
-                    lease_keys.push(self.key(id, "resv"));
-                }
-                lock(&self.held).insert(lease_id.clone(), lease_keys.clone());
-                Some(Lease {
-                    id: lease_id,
-                    tpm_keys,
-                    lease_keys,
-                    identity: identity.map(|(id, _)| id.to_string()),
-                    reserved: estimate,
-                    persist: identity.is_some_and(|(_, q)| q.is_some()),
-                })
+                let sets = lease
+                    .levels
+                    .iter()
+                    .filter(|(_, _, f)| f & HOLDS_LEASE != 0)
+                    .map(|(_, set, _)| set.clone())
+                    .collect();
+                lock(&self.held).insert(lease.id.clone(), sets);
+                Ok((verdict, Some(lease)))
             }
-            Verdict::Refused { .. } => None,
-        };
-        Ok((verdict, lease))
+            Verdict::Refused { .. } => Ok((verdict, None)),
+        }
     }
 
-    /// Settle a lease in the background: charge `used` (`None`: refund),
-    /// free its slots. If Redis does not answer, the quota usage waits in
-    /// `pending` for the probe to add it; the slots expire with the lease.
-    pub(crate) fn settle(self: &Arc<Self>, lease: Lease, used: Option<u64>) {
-        lock(&self.held).remove(&lease.id);
-        let store = self.clone();
-        let Ok(rt) = runtime() else { return };
-        rt.spawn(async move {
-            let mut invocation = SETTLE_SCRIPT.prepare_invoke();
-            let slots: Vec<&String> = lease
-                .lease_keys
-                .iter()
-                .filter(|k| !k.ends_with(":resv"))
-                .collect();
-            for k in &lease.tpm_keys {
-                invocation.key(k);
-            }
-            for k in &slots {
-                invocation.key(*k);
-            }
-            let scope = lease.identity.as_deref().unwrap_or("-");
-            invocation
-                .key(store.quota_key())
-                .key(store.key(scope, "resv"))
-                .key(store.key(scope, "resvt"));
+    /// One script call for a batch of admissions; every job gets its answer
+    /// (an admission nobody waits for any more is given back at once).
+    async fn admit_batch(self: &Arc<Self>, conn: &mut ConnectionManager, jobs: Vec<AdmitJob>) {
+        let mut table = KeyTable::new(self.quota_key());
+        let mut invocation = ADMIT_SCRIPT.prepare_invoke();
+        invocation
+            .arg(self.config.lease.as_millis().max(1) as u64)
+            .arg(jobs.len());
+        for job in &jobs {
+            let lease = &job.lease;
             invocation
                 .arg(&lease.id)
                 .arg(lease.reserved)
-                .arg(used.map_or(-1, |u| u.min(i64::MAX as u64) as i64))
+                .arg(job.quota)
                 .arg(lease.identity.as_deref().unwrap_or(""))
-                .arg(if lease.persist { "1" } else { "0" })
-                .arg(lease.tpm_keys.len())
-                .arg(slots.len());
-            let mut conn = store.conn.clone();
-            let cmd = invocation;
-            let done: Result<i64, StoreError> = if store.is_up() {
-                store
-                    .call(async move { cmd.invoke_async(&mut conn).await })
-                    .await
-            } else {
-                Err(StoreError("down".into()))
+                .arg(lease.levels.len());
+            for ((hash, set, flags), (rate, burst, conc, tpm, ttl)) in
+                lease.levels.iter().zip(&job.levels)
+            {
+                let needs_hash = *rate > 0.0 || *tpm > 0 || flags & HOLDS_RESERVATION != 0;
+                invocation
+                    .arg(if needs_hash { table.of(hash) } else { 0 })
+                    .arg(table.of(set))
+                    .arg(*rate)
+                    .arg(*burst)
+                    .arg(*conc)
+                    .arg(*tpm)
+                    .arg(*ttl);
+            }
+        }
+        for key in &table.keys {
+            invocation.key(key);
+        }
+        let replies: Result<Vec<Vec<redis::Value>>, StoreError> =
+            self.here(invocation.invoke_async(conn)).await;
+        let mut verdicts = match replies {
+            Ok(replies) if replies.len() == jobs.len() => {
+                self.mark(true, "");
+                replies.into_iter().map(|r| parse_verdict(&r)).collect()
+            }
+            Ok(_) => vec![None; jobs.len()],
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        }
+        .into_iter();
+        for job in jobs {
+            let answer = match verdicts.next().flatten() {
+                Some(verdict) => Ok((verdict, job.lease)),
+                None => Err(StoreError(
+                    "the admission script answered something else".into(),
+                )),
             };
-            if done.is_err() {
-                if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
-                    store.defer(id, used);
+            if let Err(Ok((Verdict::Ok { .. }, lease))) = job.reply.send(answer) {
+                // the request gave up waiting: give back what it took
+                self.settle(lease, None);
+            }
+        }
+    }
+
+    /// Settle a lease in the background: charge `used` (`None`: refund),
+    /// free its slots. Settlements waiting are sent as one script call. If
+    /// Redis does not answer, the quota usage waits in `pending` for the
+    /// probe to add it; the slots expire with the lease.
+    pub(crate) fn settle(self: &Arc<Self>, lease: Lease, used: Option<u64>) {
+        lock(&self.held).remove(&lease.id);
+        if let Err(unsent) = self.worker().settles.send((lease, used)) {
+            lock(&self.workers).remove(&std::thread::current().id());
+            if let Err(unsent) = self.fallback_worker.settles.send(unsent.0) {
+                let (lease, used) = unsent.0;
+                self.defer_settle(&lease, used);
+            }
+        }
+    }
+
+    /// This thread's worker, started on first use; the store's own outside
+    /// a runtime.
+    fn worker(self: &Arc<Self>) -> Worker {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.fallback_worker.clone();
+        }
+        let mut workers = lock(&self.workers);
+        let worker = workers
+            .entry(std::thread::current().id())
+            .or_insert_with(|| {
+                match ConnectionManager::new_lazy_with_config(
+                    self.client.clone(),
+                    self.manager_config.clone(),
+                ) {
+                    Ok(conn) => start_worker(Arc::downgrade(self), conn),
+                    Err(_) => self.fallback_worker.clone(),
+                }
+            });
+        worker.clone()
+    }
+
+    /// Keep the quota usage of a settlement Redis did not take.
+    fn defer_settle(&self, lease: &Lease, used: Option<u64>) {
+        if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
+            self.defer(id, used);
+        }
+    }
+
+    /// One script call for a batch of settlements (see [`SETTLE`]),
+    /// aggregated per key here.
+    async fn settle_batch(
+        &self,
+        conn: &mut ConnectionManager,
+        batch: &[(Lease, Option<u64>)],
+    ) -> Result<(), StoreError> {
+        let mut table = KeyTable::new(self.quota_key());
+        let mut tokens: Vec<(usize, i64)> = Vec::new();
+        // set index, the identity's hash index or 0, members and estimates
+        let mut sets: Vec<SetRelease<'_>> = Vec::new();
+        let mut quota: Vec<(&str, u64)> = Vec::new();
+        for (lease, used) in batch {
+            let charge = used.unwrap_or(0);
+            let give = lease.reserved as i64 - charge.min(i64::MAX as u64) as i64;
+            for (hash, set, flags) in &lease.levels {
+                if flags & HOLDS_TOKENS != 0 && give != 0 {
+                    let k = table.of(hash);
+                    match tokens.iter_mut().find(|(i, _)| *i == k) {
+                        Some((_, sum)) => *sum = sum.saturating_add(give),
+                        None => tokens.push((k, give)),
+                    }
+                }
+                if flags & HOLDS_LEASE != 0 {
+                    let z = table.of(set);
+                    let h = if flags & HOLDS_RESERVATION != 0 {
+                        table.of(hash)
+                    } else {
+                        0
+                    };
+                    match sets.iter_mut().find(|(i, _, _)| *i == z) {
+                        Some((_, _, members)) => members.push((&lease.id, lease.reserved)),
+                        None => sets.push((z, h, vec![(&lease.id, lease.reserved)])),
+                    }
                 }
             }
-        });
+            if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
+                if *used > 0 {
+                    match quota.iter_mut().find(|(i, _)| i == id) {
+                        Some((_, sum)) => *sum = sum.saturating_add(*used),
+                        None => quota.push((id, *used)),
+                    }
+                }
+            }
+        }
+        let mut invocation = SETTLE_SCRIPT.prepare_invoke();
+        invocation.arg(tokens.len());
+        for (k, give) in &tokens {
+            invocation.arg(*k).arg(*give);
+        }
+        invocation.arg(sets.len());
+        for (z, h, members) in &sets {
+            invocation.arg(*z).arg(*h).arg(members.len());
+            for (member, estimate) in members {
+                invocation.arg(*member).arg(*estimate);
+            }
+        }
+        invocation.arg(quota.len());
+        for (id, used) in &quota {
+            invocation.arg(*id).arg(*used);
+        }
+        for key in &table.keys {
+            invocation.key(key);
+        }
+        self.here(invocation.invoke_async::<i64>(conn))
+            .await
+            .map(|_| ())
     }
 
     /// Quota usage Redis could not take now: add it when it answers again.
@@ -653,6 +981,61 @@ async fn background(store: Weak<RedisStore>) {
             Some(s) => s.tick().await,
             None => return,
         }
+    }
+}
+
+/// How long a level's hash outlives its last use: an hour, or longer when
+/// its buckets take longer to refill or a lease outlasts it.
+fn hash_ttl_ms(level: &SharedLevel, lease_ms: u64) -> u64 {
+    let refill = if level.rate > 0.0 {
+        (level.burst / level.rate * 1000.0)
+            .ceil()
+            .min(u64::MAX as f64) as u64
+    } else {
+        0
+    };
+    3_600_000u64
+        .max(refill.saturating_mul(2))
+        .max(lease_ms.saturating_mul(2))
+}
+
+/// Sends queued settlements in batches (one script call each) until the
+/// store is gone.
+async fn flusher(
+    store: Weak<RedisStore>,
+    mut conn: ConnectionManager,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<(Lease, Option<u64>)>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let Some(store) = store.upgrade() else { return };
+        let sent = if store.is_up() {
+            store.settle_batch(&mut conn, &batch).await
+        } else {
+            Err(StoreError("down".into()))
+        };
+        if sent.is_err() {
+            for (lease, used) in &batch {
+                store.defer_settle(lease, *used);
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Sends queued admissions in batches (one script call each: what arrives
+/// while a call is out goes in the next) until the store is gone.
+async fn admitter(
+    store: Weak<RedisStore>,
+    mut conn: ConnectionManager,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<AdmitJob>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let Some(store) = store.upgrade() else { return };
+        store
+            .admit_batch(&mut conn, std::mem::take(&mut batch))
+            .await;
     }
 }
 
