@@ -361,12 +361,24 @@ def report(base, meta, ex, co, g):
                          f"{e['quota']['engine_tokens_served']} |")
     if co:
         lines += ["", f"## Cost: one gateway, everything on (infergate-all.yaml), medians of {co['rounds']} rounds x {co['seconds']} s", "",
-                  "| store | c1 p50 us | c1 p99 us | c64 req/s | c64 p99 us | gateway CPU us/req (c64) | Redis CPU us/req (c64) |",
+                  "| store | c1 p50 us | c1 p99 us | c1 CPU us/req: gateway / Redis | c64 req/s | c64 p99 us | c64 CPU us/req: gateway / Redis |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for k in ("memory", "redis"):
             m = co["median"][k]
-            lines.append(f"| {k} | {m[1]['p50_us']:.0f} | {m[1]['p99_us']:.0f} | {m[64]['rps']:.0f} | {m[64]['p99_us']:.0f} | "
-                         f"{m[64]['cpu_us_per_req']:.1f} | {m[64]['redis_cpu_us_per_req']:.1f} |")
+            lines.append(f"| {k} | {m[1]['p50_us']:.0f} | {m[1]['p99_us']:.0f} | "
+                         f"{m[1]['cpu_us_per_req']:.0f} / {m[1]['redis_cpu_us_per_req']:.0f} | {m[64]['rps']:.0f} | {m[64]['p99_us']:.0f} | "
+                         f"{m[64]['cpu_us_per_req']:.0f} / {m[64]['redis_cpu_us_per_req']:.0f} |")
+        lines += ["", "Redis commands per request with `store: redis` (INFO commandstats, last round; "
+                  "script calls count the commands they run as well):", "",
+                  "| connections | requests | EVALSHA per request | µs per EVALSHA (Redis' wall clock) | commands run by scripts per request |",
+                  "|---:|---:|---:|---:|---:|"]
+        for c in (1, 64):
+            row = co["raw"]["redis"][c][-1]
+            cmds = row.get("redis_commands", {})
+            n = max(1, round(row["rps"] * co["seconds"]))
+            ev = cmds.get("evalsha", (0, 0.0))
+            inner = sum(v[0] for name, v in cmds.items() if name not in ("evalsha", "config|resetstat"))
+            lines.append(f"| {c} | {n} | {ev[0] / n:.2f} | {ev[1]:.0f} | {inner / n:.1f} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -356,18 +356,25 @@ fn a_quota_is_spent_once_across_replicas_and_kept_when_redis_restarts() {
     let shared = replicas(3, &engine, &keys, &redis_store(&redis, "fail_closed"));
     let mut ok_redis = 0;
     let mut last = Value::Null;
+    // until every replica in a row refuses (a refusal while another
+    // request's reservation is still counted can be followed by a success
+    // once it settles for less)
+    let mut refused_in_a_row = 0;
     for i in 0..60 {
         let (status, body) = send(&shared[i % 3]);
-        if status != 200 {
+        if status == 200 {
+            ok_redis += 1;
+            refused_in_a_row = 0;
+        } else {
             last = body;
-            break;
+            refused_in_a_row += 1;
+            if refused_in_a_row == 3 {
+                break;
+            }
         }
-        ok_redis += 1;
     }
+    assert_eq!(refused_in_a_row, 3, "the quota was never spent everywhere");
     assert_eq!(last["error"]["code"], "insufficient_quota", "{last}");
-    for gw in &shared {
-        assert_eq!(send(gw).0, 429, "every replica sees the spent quota");
-    }
     assert!(
         ok_memory >= 2 * ok_redis,
         "memory admitted {ok_memory} (each replica its own quota), redis {ok_redis}"
@@ -406,13 +413,14 @@ fn redis_down_fail_open_admits_locally_and_hands_the_usage_over_when_back() {
     let dir = tempfile::tempdir().unwrap().keep();
     let keys = keys_file(&dir, json!({"quota": 100000, "limits": {"concurrent": 3}}));
     let gws = replicas(2, &engine, &keys, &redis_store(&redis, "fail_open"));
-    for gw in &gws {
-        assert_eq!(send(gw).0, 200);
-    }
     let mut before = 0;
+    for gw in &gws {
+        let (status, body) = send(gw);
+        assert_eq!(status, 200);
+        before += body["usage"]["total_tokens"].as_u64().unwrap();
+    }
     wait_until(Duration::from_secs(5), "two requests settled", || {
-        before = quota_used(&gws[0]);
-        before > 0 && before % 2 == 0
+        quota_used(&gws[0]) == before
     });
     assert_eq!(store_status(&gws[0]), "up");
     redis.stop();

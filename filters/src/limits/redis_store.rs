@@ -349,31 +349,6 @@ struct AdmitJob {
     reply: tokio::sync::oneshot::Sender<Result<(Verdict, Lease), StoreError>>,
 }
 
-/// The keys of one script call: the quota hash first, each other key once.
-struct KeyTable {
-    keys: Vec<String>,
-    index: HashMap<String, usize>,
-}
-
-impl KeyTable {
-    fn new(quota_key: String) -> KeyTable {
-        KeyTable {
-            index: HashMap::from([(quota_key.clone(), 1)]),
-            keys: vec![quota_key],
-        }
-    }
-
-    /// The key's 1-based index in `KEYS`.
-    fn of(&mut self, key: &str) -> usize {
-        if let Some(&i) = self.index.get(key) {
-            return i;
-        }
-        self.keys.push(key.to_string());
-        self.index.insert(key.to_string(), self.keys.len());
-        self.keys.len()
-    }
-}
-
 /// Why a Redis call did not get an answer (never holds the password).
 #[derive(Debug, Clone)]
 pub struct StoreError(pub String);
@@ -407,30 +382,74 @@ pub struct RedisStore {
     /// To open a connection per worker thread.
     client: redis::Client,
     manager_config: redis::aio::ConnectionManagerConfig,
-    /// Per thread that admits (a Pingora worker): an admitter and a flusher
-    /// on that thread's runtime, with their own connection, so a request's
-    /// Redis call does not hop to another thread and back.
-    workers: Mutex<HashMap<std::thread::ThreadId, Worker>>,
+    /// The worker on the runtime requests run on (Pingora's), started by
+    /// the first admission: a request's wake-ups stay on its runtime's
+    /// threads instead of hopping to the store's runtime and back.
+    worker: Mutex<Option<Worker>>,
     /// The same on the store's runtime, for callers outside a runtime.
     fallback_worker: Worker,
 }
 
-/// The queues of one admitter and one flusher.
+/// The queues of one worker task (see [`worker`]).
 #[derive(Clone)]
 struct Worker {
     admissions: tokio::sync::mpsc::UnboundedSender<AdmitJob>,
     settles: tokio::sync::mpsc::UnboundedSender<(Lease, Option<u64>)>,
 }
 
-/// Start an admitter and a flusher for `store` on the current runtime.
+/// Start a worker for `store` on the current runtime.
 fn start_worker(store: Weak<RedisStore>, conn: ConnectionManager) -> Worker {
     let (settles, settle_queue) = tokio::sync::mpsc::unbounded_channel();
     let (admissions, admit_queue) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(flusher(store.clone(), conn.clone(), settle_queue));
-    tokio::spawn(admitter(store, conn, admit_queue));
+    tokio::spawn(worker(store, conn, admit_queue, settle_queue));
     Worker {
         admissions,
         settles,
+    }
+}
+
+/// One `EVALSHA` built as its keys turn up: the quota hash is `KEYS[1]`,
+/// every other key is sent once and referred to by index.
+struct ScriptCall {
+    keys: Vec<String>,
+    index: HashMap<String, usize>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    fn new(quota_key: String) -> ScriptCall {
+        ScriptCall {
+            index: HashMap::from([(quota_key.clone(), 1)]),
+            keys: vec![quota_key],
+            args: Vec::new(),
+        }
+    }
+
+    fn arg<T: redis::ToRedisArgs>(&mut self, value: T) -> &mut Self {
+        self.args.extend(value.to_redis_args());
+        self
+    }
+
+    /// The key's 1-based index in `KEYS`.
+    fn key(&mut self, key: &str) -> usize {
+        if let Some(&i) = self.index.get(key) {
+            return i;
+        }
+        self.keys.push(key.to_string());
+        self.index.insert(key.to_string(), self.keys.len());
+        self.keys.len()
+    }
+
+    fn cmd(&self, script: &Script) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(self.keys.len());
+        for key in &self.keys {
+            cmd.arg(key);
+        }
+        for arg in &self.args {
+            cmd.arg(arg.as_slice());
+        }
+        cmd
     }
 }
 
@@ -461,7 +480,7 @@ impl RedisStore {
             .map_err(|e| format!("limits.store: {}", redacted(&e.to_string())))?;
         let store = Arc::new_cyclic(|weak| RedisStore {
             fallback_worker: start_worker(weak.clone(), conn.clone()),
-            workers: Mutex::new(HashMap::new()),
+            worker: Mutex::new(None),
             client,
             manager_config,
             conn,
@@ -643,8 +662,8 @@ impl RedisStore {
             reply,
         };
         if let Err(unsent) = self.worker().admissions.send(job) {
-            // this thread's runtime has ended: use the store's own
-            lock(&self.workers).remove(&std::thread::current().id());
+            // the worker's runtime has ended: this one gets the next
+            lock(&self.worker).take();
             if self.fallback_worker.admissions.send(unsent.0).is_err() {
                 return Err(StoreError("the admitter has stopped".into()));
             }
@@ -678,18 +697,14 @@ impl RedisStore {
         }
     }
 
-    /// One script call for a batch of admissions; every job gets its answer
-    /// (an admission nobody waits for any more is given back at once).
-    async fn admit_batch(self: &Arc<Self>, conn: &mut ConnectionManager, jobs: Vec<AdmitJob>) {
-        let mut table = KeyTable::new(self.quota_key());
-        let mut invocation = ADMIT_SCRIPT.prepare_invoke();
-        invocation
-            .arg(self.config.lease.as_millis().max(1) as u64)
+    /// The admission script call for a batch (see [`ADMIT`]).
+    fn admit_call(&self, jobs: &[AdmitJob]) -> redis::Cmd {
+        let mut call = ScriptCall::new(self.quota_key());
+        call.arg(self.config.lease.as_millis().max(1) as u64)
             .arg(jobs.len());
-        for job in &jobs {
+        for job in jobs {
             let lease = &job.lease;
-            invocation
-                .arg(&lease.id)
+            call.arg(&lease.id)
                 .arg(lease.reserved)
                 .arg(job.quota)
                 .arg(lease.identity.as_deref().unwrap_or(""))
@@ -698,9 +713,10 @@ impl RedisStore {
                 lease.levels.iter().zip(&job.levels)
             {
                 let needs_hash = *rate > 0.0 || *tpm > 0 || flags & HOLDS_RESERVATION != 0;
-                invocation
-                    .arg(if needs_hash { table.of(hash) } else { 0 })
-                    .arg(table.of(set))
+                let h = if needs_hash { call.key(hash) } else { 0 };
+                let z = call.key(set);
+                call.arg(h)
+                    .arg(z)
                     .arg(*rate)
                     .arg(*burst)
                     .arg(*conc)
@@ -708,12 +724,120 @@ impl RedisStore {
                     .arg(*ttl);
             }
         }
-        for key in &table.keys {
-            invocation.key(key);
+        call.cmd(&ADMIT_SCRIPT)
+    }
+
+    /// The settlement script call for a batch (see [`SETTLE`]), aggregated
+    /// per key here.
+    fn settle_call(&self, batch: &[(Lease, Option<u64>)]) -> redis::Cmd {
+        let mut call = ScriptCall::new(self.quota_key());
+        let mut tokens: Vec<(usize, i64)> = Vec::new();
+        // set index, the identity's hash index or 0, members and estimates
+        let mut sets: Vec<SetRelease<'_>> = Vec::new();
+        let mut quota: Vec<(&str, u64)> = Vec::new();
+        for (lease, used) in batch {
+            let charge = used.unwrap_or(0);
+            let give = lease.reserved as i64 - charge.min(i64::MAX as u64) as i64;
+            for (hash, set, flags) in &lease.levels {
+                if flags & HOLDS_TOKENS != 0 && give != 0 {
+                    let k = call.key(hash);
+                    match tokens.iter_mut().find(|(i, _)| *i == k) {
+                        Some((_, sum)) => *sum = sum.saturating_add(give),
+                        None => tokens.push((k, give)),
+                    }
+                }
+                if flags & HOLDS_LEASE != 0 {
+                    let z = call.key(set);
+                    let h = if flags & HOLDS_RESERVATION != 0 {
+                        call.key(hash)
+                    } else {
+                        0
+                    };
+                    match sets.iter_mut().find(|(i, _, _)| *i == z) {
+                        Some((_, _, members)) => members.push((&lease.id, lease.reserved)),
+                        None => sets.push((z, h, vec![(&lease.id, lease.reserved)])),
+                    }
+                }
+            }
+            if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
+                if *used > 0 {
+                    match quota.iter_mut().find(|(i, _)| i == id) {
+                        Some((_, sum)) => *sum = sum.saturating_add(*used),
+                        None => quota.push((id, *used)),
+                    }
+                }
+            }
         }
-        let replies: Result<Vec<Vec<redis::Value>>, StoreError> =
-            self.here(invocation.invoke_async(conn)).await;
-        let mut verdicts = match replies {
+        call.arg(tokens.len());
+        for (k, give) in &tokens {
+            call.arg(*k).arg(*give);
+        }
+        call.arg(sets.len());
+        for (z, h, members) in &sets {
+            call.arg(*z).arg(*h).arg(members.len());
+            for (member, estimate) in members {
+                call.arg(*member).arg(*estimate);
+            }
+        }
+        call.arg(quota.len());
+        for (id, used) in &quota {
+            call.arg(*id).arg(*used);
+        }
+        call.cmd(&SETTLE_SCRIPT)
+    }
+
+    /// One round trip: the waiting settlements, then the waiting admissions,
+    /// as a pipeline of (at most) two script calls. A script Redis does not
+    /// know (a restarted or flushed Redis) is loaded and its call sent again.
+    /// Every admission gets its answer; settlements Redis did not take keep
+    /// their quota usage for later.
+    async fn exchange(
+        self: &Arc<Self>,
+        conn: &mut ConnectionManager,
+        jobs: Vec<AdmitJob>,
+        settles: Vec<(Lease, Option<u64>)>,
+    ) {
+        let mut calls: Vec<(&Script, redis::Cmd)> = Vec::with_capacity(2);
+        if !settles.is_empty() {
+            calls.push((&SETTLE_SCRIPT, self.settle_call(&settles)));
+        }
+        if !jobs.is_empty() {
+            calls.push((&ADMIT_SCRIPT, self.admit_call(&jobs)));
+        }
+        let replies = if self.is_up() || !jobs.is_empty() {
+            self.here(run_scripts(conn, &calls)).await
+        } else {
+            Err(StoreError("down".into()))
+        };
+        let (settled, admitted) = match replies {
+            Ok(mut replies) => {
+                let admitted = if jobs.is_empty() { None } else { replies.pop() };
+                (replies.pop(), admitted)
+            }
+            Err(e) => (Some(Err(e.clone())), Some(Err(e))),
+        };
+        if !settles.is_empty() && !matches!(settled, Some(Ok(_))) {
+            for (lease, used) in &settles {
+                self.defer_settle(lease, *used);
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let verdicts: Result<Vec<Vec<redis::Value>>, StoreError> =
+            match admitted.unwrap_or_else(|| Err(StoreError("no answer".into()))) {
+                Ok(value) => redis::from_redis_value(value)
+                    .map_err(|e| StoreError(format!("the admission script answered {e}"))),
+                Err(e) => {
+                    // the script failed (not the connection): an error all the same
+                    if self.is_up() {
+                        self.errors.fetch_add(1, Ordering::Relaxed);
+                        self.mark(false, &e.0);
+                    }
+                    Err(e)
+                }
+            };
+        let mut verdicts = match verdicts {
             Ok(replies) if replies.len() == jobs.len() => {
                 self.mark(true, "");
                 replies.into_iter().map(|r| parse_verdict(&r)).collect()
@@ -748,7 +872,7 @@ impl RedisStore {
     pub(crate) fn settle(self: &Arc<Self>, lease: Lease, used: Option<u64>) {
         lock(&self.held).remove(&lease.id);
         if let Err(unsent) = self.worker().settles.send((lease, used)) {
-            lock(&self.workers).remove(&std::thread::current().id());
+            lock(&self.worker).take();
             if let Err(unsent) = self.fallback_worker.settles.send(unsent.0) {
                 let (lease, used) = unsent.0;
                 self.defer_settle(&lease, used);
@@ -756,24 +880,25 @@ impl RedisStore {
         }
     }
 
-    /// This thread's worker, started on first use; the store's own outside
-    /// a runtime.
+    /// The worker, started on the current runtime on first use; the store's
+    /// own outside a runtime.
     fn worker(self: &Arc<Self>) -> Worker {
+        let mut slot = lock(&self.worker);
+        if let Some(worker) = slot.as_ref() {
+            return worker.clone();
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             return self.fallback_worker.clone();
         }
-        let mut workers = lock(&self.workers);
-        let worker = workers
-            .entry(std::thread::current().id())
-            .or_insert_with(|| {
-                match ConnectionManager::new_lazy_with_config(
-                    self.client.clone(),
-                    self.manager_config.clone(),
-                ) {
-                    Ok(conn) => start_worker(Arc::downgrade(self), conn),
-                    Err(_) => self.fallback_worker.clone(),
-                }
-            });
+        let worker = slot.get_or_insert_with(|| {
+            match ConnectionManager::new_lazy_with_config(
+                self.client.clone(),
+                self.manager_config.clone(),
+            ) {
+                Ok(conn) => start_worker(Arc::downgrade(self), conn),
+                Err(_) => self.fallback_worker.clone(),
+            }
+        });
         worker.clone()
     }
 
@@ -782,75 +907,6 @@ impl RedisStore {
         if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
             self.defer(id, used);
         }
-    }
-
-    /// One script call for a batch of settlements (see [`SETTLE`]),
-    /// aggregated per key here.
-    async fn settle_batch(
-        &self,
-        conn: &mut ConnectionManager,
-        batch: &[(Lease, Option<u64>)],
-    ) -> Result<(), StoreError> {
-        let mut table = KeyTable::new(self.quota_key());
-        let mut tokens: Vec<(usize, i64)> = Vec::new();
-        // set index, the identity's hash index or 0, members and estimates
-        let mut sets: Vec<SetRelease<'_>> = Vec::new();
-        let mut quota: Vec<(&str, u64)> = Vec::new();
-        for (lease, used) in batch {
-            let charge = used.unwrap_or(0);
-            let give = lease.reserved as i64 - charge.min(i64::MAX as u64) as i64;
-            for (hash, set, flags) in &lease.levels {
-                if flags & HOLDS_TOKENS != 0 && give != 0 {
-                    let k = table.of(hash);
-                    match tokens.iter_mut().find(|(i, _)| *i == k) {
-                        Some((_, sum)) => *sum = sum.saturating_add(give),
-                        None => tokens.push((k, give)),
-                    }
-                }
-                if flags & HOLDS_LEASE != 0 {
-                    let z = table.of(set);
-                    let h = if flags & HOLDS_RESERVATION != 0 {
-                        table.of(hash)
-                    } else {
-                        0
-                    };
-                    match sets.iter_mut().find(|(i, _, _)| *i == z) {
-                        Some((_, _, members)) => members.push((&lease.id, lease.reserved)),
-                        None => sets.push((z, h, vec![(&lease.id, lease.reserved)])),
-                    }
-                }
-            }
-            if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
-                if *used > 0 {
-                    match quota.iter_mut().find(|(i, _)| i == id) {
-                        Some((_, sum)) => *sum = sum.saturating_add(*used),
-                        None => quota.push((id, *used)),
-                    }
-                }
-            }
-        }
-        let mut invocation = SETTLE_SCRIPT.prepare_invoke();
-        invocation.arg(tokens.len());
-        for (k, give) in &tokens {
-            invocation.arg(*k).arg(*give);
-        }
-        invocation.arg(sets.len());
-        for (z, h, members) in &sets {
-            invocation.arg(*z).arg(*h).arg(members.len());
-            for (member, estimate) in members {
-                invocation.arg(*member).arg(*estimate);
-            }
-        }
-        invocation.arg(quota.len());
-        for (id, used) in &quota {
-            invocation.arg(*id).arg(*used);
-        }
-        for key in &table.keys {
-            invocation.key(key);
-        }
-        self.here(invocation.invoke_async::<i64>(conn))
-            .await
-            .map(|_| ())
     }
 
     /// Quota usage Redis could not take now: add it when it answers again.
@@ -999,44 +1055,77 @@ fn hash_ttl_ms(level: &SharedLevel, lease_ms: u64) -> u64 {
         .max(lease_ms.saturating_mul(2))
 }
 
-/// Sends queued settlements in batches (one script call each) until the
-/// store is gone.
-async fn flusher(
+/// Sends what waits — settlements first, then admissions — in one round trip
+/// per batch (what arrives while a call is out goes in the next), until the
+/// store is gone. Nothing waits on purpose: a settlement does not wait for
+/// an admission to go with (that admission would wait for its script).
+async fn worker(
     store: Weak<RedisStore>,
     mut conn: ConnectionManager,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<(Lease, Option<u64>)>,
+    mut admissions: tokio::sync::mpsc::UnboundedReceiver<AdmitJob>,
+    mut settles: tokio::sync::mpsc::UnboundedReceiver<(Lease, Option<u64>)>,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while queue.recv_many(&mut batch, BATCH).await > 0 {
-        let Some(store) = store.upgrade() else { return };
-        let sent = if store.is_up() {
-            store.settle_batch(&mut conn, &batch).await
-        } else {
-            Err(StoreError("down".into()))
+    let mut jobs = Vec::with_capacity(BATCH);
+    let mut done = Vec::with_capacity(BATCH);
+    loop {
+        let open = tokio::select! {
+            n = admissions.recv_many(&mut jobs, BATCH) => n > 0,
+            n = settles.recv_many(&mut done, BATCH) => n > 0,
         };
-        if sent.is_err() {
-            for (lease, used) in &batch {
-                store.defer_settle(lease, *used);
+        if !open {
+            return;
+        }
+        while jobs.len() < BATCH {
+            match admissions.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
             }
         }
-        batch.clear();
+        while done.len() < BATCH {
+            match settles.try_recv() {
+                Ok(s) => done.push(s),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else { return };
+        store
+            .exchange(
+                &mut conn,
+                std::mem::take(&mut jobs),
+                std::mem::take(&mut done),
+            )
+            .await;
     }
 }
 
-/// Sends queued admissions in batches (one script call each: what arrives
-/// while a call is out goes in the next) until the store is gone.
-async fn admitter(
-    store: Weak<RedisStore>,
-    mut conn: ConnectionManager,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<AdmitJob>,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while queue.recv_many(&mut batch, BATCH).await > 0 {
-        let Some(store) = store.upgrade() else { return };
-        store
-            .admit_batch(&mut conn, std::mem::take(&mut batch))
-            .await;
+/// Send script calls as one pipeline; a call whose script Redis does not
+/// know is sent again after loading it. Returns each call's answer.
+async fn run_scripts(
+    conn: &mut ConnectionManager,
+    calls: &[(&Script, redis::Cmd)],
+) -> redis::RedisResult<Vec<Result<redis::Value, StoreError>>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for (_, cmd) in calls {
+        pipe.add_command(cmd.clone());
     }
+    let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(conn).await?;
+    let mut out = Vec::with_capacity(calls.len());
+    for ((script, cmd), reply) in calls.iter().zip(replies) {
+        let reply = match reply {
+            Err(e) if is_noscript(&e) => {
+                script.load_async(conn).await?;
+                cmd.query_async::<redis::Value>(conn).await
+            }
+            other => other,
+        };
+        out.push(reply.map_err(|e| StoreError(redacted(&e.to_string()))));
+    }
+    Ok(out)
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 fn parse_verdict(reply: &[redis::Value]) -> Option<Verdict> {
