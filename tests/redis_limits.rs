@@ -608,3 +608,73 @@ fn a_dead_replicas_quota_reservation_comes_back_and_settles_survive_a_script_flu
             .join("\n")
     );
 }
+
+#[test]
+fn login_attempts_are_counted_across_replicas() {
+    let redis = Redis::start();
+    let engine = mock(&["--model", "tiny-chat"]);
+    let dir = tempfile::tempdir().unwrap().keep();
+    let keys = keys_file(&dir, json!({}));
+    std::fs::write(dir.join("jwt.secret"), "0123456789abcdef0123456789abcdef").unwrap();
+    let users = dir.join("users.yaml");
+    let mut add = Command::new(GATEWAY_BIN)
+        .args(["users", "add", "--file"])
+        .arg(&users)
+        .args(["--email", "bob@example.com", "--role", "user"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(add.stdin.take().unwrap(), "correct horse battery").unwrap();
+    }
+    assert!(add.wait().unwrap().success());
+    let start = |store: &str| -> Vec<Proc> {
+        (0..2)
+            .map(|_| {
+                let yaml = format!(
+                    "server:\n  listen: \"127.0.0.1:0\"\n  threads: 1\npools:\n  - name: chat\n    models: [\"tiny-chat\"]\n    backends: [\"{}\"]\nfilters:\n  - auth:\n      api_keys_file: {}\n      users_file: {}\n      jwt: {{ algorithm: HS256, secret_file: {} }}\n      login_attempts_per_minute: 4\n  - limits:\n      store: {store}\n",
+                    engine.addr,
+                    keys.display(),
+                    users.display(),
+                    dir.join("jwt.secret").display(),
+                );
+                gateway(&yaml)
+            })
+            .collect()
+    };
+    let login = |gw: &Proc| -> u16 {
+        client()
+            .post(gw.url("/user/user_login"))
+            .json(&json!({"email": "bob@example.com", "password": "wrong password!!"}))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // memory: each replica allows its own 4 a minute: 8 wrong guesses pass
+    let local = start("{ kind: memory }");
+    let statuses: Vec<u16> = (0..8).map(|i| login(&local[i % 2])).collect();
+    assert!(statuses.iter().all(|&s| s == 401), "{statuses:?}");
+    drop(local);
+    // redis: 4 a minute from this address across both replicas
+    let shared = start(&redis_store(&redis, "fail_closed"));
+    let statuses: Vec<u16> = (0..6).map(|i| login(&shared[i % 2])).collect();
+    assert_eq!(statuses, [401, 401, 401, 401, 429, 429], "{statuses:?}");
+    let resp = client()
+        .post(shared[0].url("/user/user_login"))
+        .json(&json!({"email": "bob@example.com", "password": "correct horse battery"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 429, "the right password waits too");
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("login attempts"),
+        "{body}"
+    );
+}

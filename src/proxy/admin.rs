@@ -51,6 +51,19 @@ pub async fn login(
         return Err(not_configured("Login"));
     };
     auth.check_login_rate(ip).map_err(GatewayError::rejected)?;
+    if let Some(limits) = &app.limits {
+        // with `limits.store: redis`, every replica's attempts count
+        let scope = infergate_filters::auth::Auth::login_scope(ip);
+        if let Some(wait) = limits
+            .check_login(&scope, auth.login_attempts_per_minute())
+            .await
+            .map_err(GatewayError::rejected)?
+        {
+            return Err(GatewayError::rejected(
+                infergate_filters::auth::login_refused(wait),
+            ));
+        }
+    }
     let body = read_small_body(app, session).await?;
     ctx.request_bytes = body.len();
     // serde's messages can quote the input: never let a password reach one

@@ -33,7 +33,7 @@ pub(crate) struct LoginLimiter {
 }
 
 /// The address attempts are counted under.
-fn client_key(ip: Option<IpAddr>) -> Option<IpAddr> {
+pub(crate) fn client_key(ip: Option<IpAddr>) -> Option<IpAddr> {
     match ip? {
         IpAddr::V4(v4) => Some(IpAddr::V4(v4)),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -526,24 +526,40 @@ impl Auth {
     /// Take one login attempt for `ip` (IPv6 addresses count per /64).
     /// Over `login_attempts_per_minute`: 429 with `retry_after`.
     pub fn check_login_rate(&self, ip: Option<IpAddr>) -> Result<(), Rejection> {
-        self.login_limiter.try_take(ip).map_err(|wait| {
-            // the bucket's float arithmetic may say 6.000000001 s for 6 s
-            let secs = (wait.as_secs_f64() - 0.001)
-                .ceil()
-                .clamp(1.0, f64::from(u32::MAX));
-            let secs = secs as u32;
-            let mut r = Rejection::new(
-                429,
-                "requests",
-                "rate_limit_exceeded",
-                format!("Too many login attempts from your address; retry in {secs} s."),
-            );
-            r.retry_after = Some(secs);
-            r.limit = Some("login");
-            r
-        })
+        self.login_limiter.try_take(ip).map_err(login_refused)
     }
 
+    /// What login attempts from `ip` are counted under, as a string (the
+    /// address; IPv6 per /64), for a limit shared across replicas.
+    pub fn login_scope(ip: Option<IpAddr>) -> String {
+        login_rate::client_key(ip).map_or_else(|| "unknown".to_string(), |ip| ip.to_string())
+    }
+
+    /// `login_attempts_per_minute`.
+    pub fn login_attempts_per_minute(&self) -> u32 {
+        self.config.login_attempts_per_minute
+    }
+}
+
+/// 429 for a login attempt over `login_attempts_per_minute`; retry after `wait`.
+pub fn login_refused(wait: std::time::Duration) -> Rejection {
+    // the bucket's float arithmetic may say 6.000000001 s for 6 s
+    let secs = (wait.as_secs_f64() - 0.001)
+        .ceil()
+        .clamp(1.0, f64::from(u32::MAX));
+    let secs = secs as u32;
+    let mut r = Rejection::new(
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        format!("Too many login attempts from your address; retry in {secs} s."),
+    );
+    r.retry_after = Some(secs);
+    r.limit = Some("login");
+    r
+}
+
+impl Auth {
     /// Reload both files. On any error nothing changes and `Err` names the
     /// file and the problem.
     pub fn reload(&self) -> Result<ReloadReport, String> {

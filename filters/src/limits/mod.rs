@@ -225,6 +225,34 @@ impl Limits {
         self.shared.redis.as_ref()
     }
 
+    /// `limits.store: redis`: take one login attempt for `scope` (the
+    /// client's address) from the bucket every replica shares, at most
+    /// `per_minute`. `Ok(Some(wait))`: over the limit. Without a shared
+    /// store, or when it is down and `on_error: fail_open`, `Ok(None)` (the
+    /// auth filter's per-replica limit still applies); down and
+    /// `fail_closed`: the 503 `limits_unavailable`.
+    pub async fn check_login(
+        &self,
+        scope: &str,
+        per_minute: u32,
+    ) -> Result<Option<std::time::Duration>, Rejection> {
+        let Some(redis) = &self.shared.redis else {
+            return Ok(None);
+        };
+        let answer = if redis.is_up() {
+            redis.login_attempt(scope, per_minute).await
+        } else {
+            Err(redis_store::StoreError("down".into()))
+        };
+        match answer {
+            Ok(wait) => Ok(wait),
+            Err(_) => match redis.on_error() {
+                config::OnStoreError::FailOpen => Ok(None),
+                config::OnStoreError::FailClosed => Err(admission::store_unavailable()),
+            },
+        }
+    }
+
     /// Decide whether a request may run now; see the module docs for the
     /// checks. `Ok` holds the slots and the token reservation until settled
     /// or dropped; `Err` is a 429 with its headers and nothing held.

@@ -281,6 +281,25 @@ end
 return renewed
 ";
 
+/// One login attempt from the shared per-address bucket.
+/// KEYS: the bucket hash. ARGV: attempts per minute.
+/// Returns 0 (taken) or the ms to wait for the next attempt.
+const LOGIN: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cap = tonumber(ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = cap
+if v[1] and v[2] then
+  tokens = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * cap / 60000)
+end
+if tokens < 1 then return math.ceil((1 - tokens) * 60000 / cap) end
+redis.call('HSET', KEYS[1], 't', tokens - 1, 'ts', now)
+redis.call('PEXPIRE', KEYS[1], 120000)
+return 0
+";
+
+static LOGIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOGIN));
 static ADMIT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT));
 static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
@@ -907,6 +926,25 @@ impl RedisStore {
         if let (Some(id), Some(used), true) = (&lease.identity, used, lease.persist) {
             self.defer(id, used);
         }
+    }
+
+    /// One login attempt for `scope` (see [`LOGIN`]): `Some(wait)` when the
+    /// address has used its `per_minute` attempts.
+    pub(crate) async fn login_attempt(
+        &self,
+        scope: &str,
+        per_minute: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        let mut invocation = LOGIN_SCRIPT.prepare_invoke();
+        invocation
+            .key(self.key(&format!("login:{scope}"), "b"))
+            .arg(per_minute.max(1));
+        let mut conn = self.conn.clone();
+        let cmd = invocation;
+        let wait: u64 = self
+            .call(async move { cmd.invoke_async(&mut conn).await })
+            .await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait)))
     }
 
     /// Quota usage Redis could not take now: add it when it answers again.
