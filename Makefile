@@ -14,13 +14,15 @@ setup:
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q cmake; }
 
 ## setup-test: what the test suites add (wrk and nginx for the benchmark, python venv for the real
-## engine, prometheus + promtool for the metrics tests, redis-server for the shared limits store)
+## engine, prometheus + promtool for the metrics tests, redis-server for the shared limits store,
+## openssl for its TLS test's certificates)
 setup-test: setup
 	@missing=""; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	command -v patch >/dev/null || missing="$$missing patch"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	python3 -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \

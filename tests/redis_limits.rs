@@ -678,3 +678,124 @@ fn login_attempts_are_counted_across_replicas() {
         "{body}"
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1 (openssl), in `dir`.
+fn tls_files(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=infergate test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[test]
+fn rediss_verifies_the_server_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    tls_files(&dir);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("server.crt"))
+        .arg("--tls-key-file")
+        .arg(dir.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.crt"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    wait_until(
+        Duration::from_secs(10),
+        "redis-server (TLS) to accept",
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let engine = mock(&["--model", "tiny-chat", "--tokens", "4"]);
+    let keys = keys_file(&dir, json!({"quota": 100000}));
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    // trusted through tls.ca_file: shared counting works over TLS
+    let store = format!(
+        "{{ kind: redis, url: \"{url}\", on_error: fail_closed, timeout: 500ms, tls: {{ ca_file: {} }} }}",
+        dir.join("ca.crt").display()
+    );
+    let gw = replicas(1, &engine, &keys, &store);
+    let (status, body) = send(&gw[0]);
+    assert_eq!(status, 200, "{body}");
+    let used = body["usage"]["total_tokens"].as_u64().unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the usage in Redis over TLS",
+        || quota_used(&gw[0]) == used,
+    );
+    assert_eq!(store_status(&gw[0]), "up");
+    drop(gw);
+    // the same server without the CA: not trusted, so Redis is unreachable
+    // and fail_closed refuses
+    let store = format!("{{ kind: redis, url: \"{url}\", on_error: fail_closed, timeout: 500ms }}");
+    let gw = replicas(1, &engine, &keys, &store);
+    let (status, body) = send(&gw[0]);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "limits_unavailable", "{body}");
+    let _ = redis.kill();
+    let _ = redis.wait();
+}

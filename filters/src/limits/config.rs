@@ -35,7 +35,7 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// `redis://host:port/db` (no TLS yet). No password here:
+    /// `redis://host:port/db`, or `rediss://` for TLS. No password here:
     /// it comes from `password_file` / `password_env`, or the whole URL from
     /// `url_file` / `url_env`.
     pub url: Option<String>,
@@ -66,6 +66,22 @@ pub struct StoreConfig {
     /// (each replica enforces its share). Default 1: every replica enforces
     /// the full limit.
     pub replicas: u32,
+    /// With `rediss://`: the CA that signed Redis' certificate (default: the
+    /// system's roots) and a client certificate for mutual TLS.
+    pub tls: Option<StoreTls>,
+}
+
+/// `limits.store.tls`: PEM files, read when the store opens.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTls {
+    /// The CA certificate(s) to verify Redis' certificate against, instead
+    /// of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (with `key_file`) for Redis' `tls-auth-clients`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -82,6 +98,7 @@ impl Default for StoreConfig {
             lease: Duration::from_secs(30),
             on_error: None,
             replicas: 1,
+            tls: None,
         }
     }
 }
@@ -157,6 +174,25 @@ impl StoreConfig {
         if self.kind == StoreKind::Memory {
             return Ok(());
         }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err((
+                    "store.tls".to_string(),
+                    "give cert_file and key_file together (a client certificate and its key)"
+                        .to_string(),
+                ));
+            }
+            if self
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("redis://"))
+            {
+                return Err((
+                    "store.tls".to_string(),
+                    "is set but the url is redis:// (plain TCP); use rediss:// for TLS".to_string(),
+                ));
+            }
+        }
         if self.on_error.is_none() {
             return Err((
                 "store.on_error".to_string(),
@@ -218,12 +254,13 @@ impl StoreConfig {
 
 /// `redis://` only: this build has no TLS client for Redis.
 fn check_scheme(url: &str) -> Result<(), String> {
-    if url.starts_with("redis://") {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
         Ok(())
-    } else if url.starts_with("rediss://") {
-        Err("rediss:// (TLS) is not built into this gateway yet; reach Redis over a private network or a TLS sidecar (e.g. stunnel) with redis://".to_string())
     } else {
-        Err("must start with redis://, e.g. redis://127.0.0.1:6379/0".to_string())
+        Err(
+            "must start with redis:// (or rediss:// for TLS), e.g. redis://127.0.0.1:6379/0"
+                .to_string(),
+        )
     }
 }
 
@@ -371,7 +408,8 @@ mod store_tests {
         let (key, msg) = redis("redis://u:pw@h:6379").validate().unwrap_err();
         assert_eq!(key, "store.url");
         assert!(!msg.contains("pw@"), "{msg}");
-        assert!(redis("rediss://h:6379").validate().is_err());
+        assert!(redis("rediss://h:6379").validate().is_ok());
+        assert!(redis("http://h:6379").validate().is_err());
         let mut missing = redis("redis://h");
         missing.on_error = None;
         assert_eq!(missing.validate().unwrap_err().0, "store.on_error");

@@ -486,8 +486,39 @@ impl RedisStore {
     /// down, not a failed start) and start the lease renewal and the probe.
     pub fn open(config: StoreConfig) -> Result<Arc<RedisStore>, String> {
         let url = config.resolved_url()?;
-        let client = redis::Client::open(url.as_str())
-            .map_err(|e| format!("limits.store.url: {}", redacted(&e.to_string())))?;
+        let client = match &config.tls {
+            Some(tls) => {
+                let read = |key: &str, path: &Option<std::path::PathBuf>| {
+                    path.as_ref()
+                        .map(|p| {
+                            std::fs::read(p).map_err(|e| {
+                                format!("limits.store.tls.{key}: cannot read {}: {e}", p.display())
+                            })
+                        })
+                        .transpose()
+                };
+                let root_cert = read("ca_file", &tls.ca_file)?;
+                let client_tls = match (
+                    read("cert_file", &tls.cert_file)?,
+                    read("key_file", &tls.key_file)?,
+                ) {
+                    (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                    _ => None,
+                };
+                redis::Client::build_with_tls(
+                    url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
+            }
+            None => redis::Client::open(url.as_str()),
+        }
+        .map_err(|e| format!("limits.store: {}", redacted(&e.to_string())))?;
         let rt = runtime()?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
