@@ -246,7 +246,12 @@ fn query_token_never_reaches_the_engine_or_the_log() {
     let (status, error) = error_of(resp);
     assert_eq!(status, 401);
     assert!(!error.to_string().contains("sk-wrong-secret"));
-    std::thread::sleep(Duration::from_millis(100)); // the log writer batches
+    // the log writer batches: wait for the 401's access line to be written
+    wait_until(Duration::from_secs(10), "the 401's access line", || {
+        s.gw.stderr()
+            .lines()
+            .any(|l| l.contains("/v1/chat/completions") && l.contains("\"status\":401"))
+    });
     let log = s.gw.stderr();
     assert!(
         log.contains("/v1/chat/completions"),
