@@ -21,7 +21,7 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -749,42 +749,12 @@ impl RotatingFile {
         }
     }
 
-    fn rotated(&self, n: usize) -> PathBuf {
-        let mut name = self.cfg.path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    }
-
     /// Delete `<path>.N` for N > max_files.
     fn prune(&mut self) {
-        let path = &self.cfg.path;
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            return;
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let prefix = format!("{name}.");
-        for entry in entries.flatten() {
-            let file_name = entry.file_name();
-            let Some(n) = file_name
-                .to_str()
-                .and_then(|f| f.strip_prefix(&prefix))
-                .and_then(|suffix| suffix.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            if n > self.cfg.max_files {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    let old = entry.path().display().to_string();
-                    self.complaints
-                        .report(self.now, format_args!("cannot delete {old}: {e}"));
-                }
-            }
+        for (old, e) in crate::rotate::prune(&self.cfg.path, self.cfg.max_files) {
+            let old = old.display().to_string();
+            self.complaints
+                .report(self.now, format_args!("cannot delete {old}: {e}"));
         }
     }
 
@@ -902,22 +872,7 @@ impl RotatingFile {
     }
 
     fn shift(&self) -> std::io::Result<()> {
-        let max = self.cfg.max_files;
-        if max == 0 {
-            return ignore_missing(std::fs::remove_file(&self.cfg.path));
-        }
-        ignore_missing(std::fs::remove_file(self.rotated(max)))?;
-        for n in (1..max).rev() {
-            ignore_missing(std::fs::rename(self.rotated(n), self.rotated(n + 1)))?;
-        }
-        ignore_missing(std::fs::rename(&self.cfg.path, self.rotated(1)))
-    }
-}
-
-fn ignore_missing(result: std::io::Result<()>) -> std::io::Result<()> {
-    match result {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+        crate::rotate::shift(&self.cfg.path, self.cfg.max_files)
     }
 }
 
@@ -935,6 +890,7 @@ fn file_id(_meta: &std::fs::Metadata) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn record() -> Record<'static> {
         Record {

@@ -37,6 +37,7 @@ pub mod model_stats;
 pub mod path;
 pub mod proxy;
 pub mod reload;
+pub mod rotate;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -6,7 +6,6 @@
 //! started. Writes are cut at a line end when one fits, so a line is only split
 //! across files when it alone is longer than `max_bytes`.
 
-use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -92,19 +91,9 @@ impl RotatingLog {
     /// size bound holds either way.
     fn rotate(&mut self) {
         self.file = None;
-        if self.max_files == 0 {
-            let _ = fs::remove_file(&self.path);
-        } else {
-            // Drop the oldest, and any left over from a larger max_files.
-            let mut n = self.max_files;
-            while fs::remove_file(self.backup(n)).is_ok() || n == self.max_files {
-                n += 1;
-            }
-            for i in (1..self.max_files).rev() {
-                let _ = fs::rename(self.backup(i), self.backup(i + 1));
-            }
-            let _ = fs::rename(&self.path, self.backup(1));
-        }
+        // drops any left from a larger max_files, then shifts
+        let _ = crate::rotate::prune(&self.path, self.max_files);
+        let _ = crate::rotate::shift(&self.path, self.max_files);
         // create + truncate: if the rename failed this empties the old log.
         match OpenOptions::new()
             .create(true)
@@ -121,10 +110,9 @@ impl RotatingLog {
     }
 
     /// `log.N`
+    #[cfg(test)]
     fn backup(&self, n: usize) -> PathBuf {
-        let mut name = OsString::from(self.path.as_os_str());
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
+        crate::rotate::backup(&self.path, n)
     }
 }
 
