@@ -10,9 +10,9 @@
 
 use crate::state::Live;
 use async_trait::async_trait;
+use infergate_filters::watch::FileWatch;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +22,6 @@ pub struct Reloader {
 
 const POLL: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(200);
-
-/// The file's content digest; `None` when it cannot be read (mid-swap).
-fn digest(path: &std::path::Path) -> Option<[u8; 32]> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| Sha256::digest(&bytes).into())
-}
 
 #[async_trait]
 impl BackgroundService for Reloader {
@@ -42,8 +35,8 @@ impl BackgroundService for Reloader {
             }
         };
         let path = self.live.config_path.clone();
-        let watch = self.live.current().config.server.watch_config;
-        let mut seen = path.as_deref().and_then(digest);
+        let watch_file = self.live.current().config.server.watch_config;
+        let mut watch = path.clone().map(|p| FileWatch::new(vec![p]));
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -57,19 +50,20 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
                 _ = sighup => {
                     let _ = self.live.reload("SIGHUP").await;
-                    seen = path.as_deref().and_then(digest);
-                }
-                _ = poll.tick(), if watch => {
-                    let Some(path) = path.as_deref() else { continue };
-                    let now = digest(path);
-                    if now.is_none() || now == seen {
-                        continue;
+                    if let Some(w) = watch.as_mut() {
+                        w.mark_seen();
                     }
+                }
+                _ = poll.tick(), if watch_file => {
+                    let Some(w) = watch.as_mut() else { continue };
+                    // a file that cannot be read is mid-swap: next poll
+                    let Some(now) = w.changed().filter(|now| now.iter().all(Option::is_some)) else {
+                        continue;
+                    };
                     tokio::time::sleep(SETTLE).await;
-                    if digest(path) != now {
+                    if !w.settled(&now) {
                         continue; // still being written: next poll
                     }
-                    seen = now;
                     let _ = self.live.reload("config file changed").await;
                 }
             }

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod percent;
 pub mod registry;
 mod request_id;
+pub mod watch;
 
 pub use chain::Chain;
 pub use registry::FilterConfig;

@@ -10,7 +10,8 @@
 //! skipped. A file that fails to load is reported once, then retried only
 //! when its content changes again.
 
-use super::{sha256, Auth, ReloadReport};
+use super::{Auth, ReloadReport};
+use crate::watch::{FileWatch, Fingerprint};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -31,17 +32,8 @@ impl Default for Timing {
     }
 }
 
-type Fingerprints = Vec<Option<[u8; 32]>>;
-
-fn fingerprints(files: &[PathBuf]) -> Fingerprints {
-    files
-        .iter()
-        .map(|f| std::fs::read(f).ok().map(|b| sha256(&b)))
-        .collect()
-}
-
 /// Hashes of the files as currently loaded, in the order of `files`.
-fn loaded(auth: &Auth) -> Fingerprints {
+fn loaded(auth: &Auth) -> Fingerprint {
     let snapshot = auth.snapshot();
     let mut out = Vec::with_capacity(2);
     if auth.config.api_keys_file.is_some() {
@@ -68,7 +60,7 @@ pub(crate) fn spawn(
         return Ok(());
     }
     let weak: Weak<Auth> = Arc::downgrade(auth);
-    let mut seen = loaded(auth);
+    let mut watch = FileWatch::with_seen(files, loaded(auth));
     std::thread::Builder::new()
         .name("infergate-auth-watch".into())
         .spawn(move || loop {
@@ -76,23 +68,20 @@ pub(crate) fn spawn(
             if weak.strong_count() == 0 {
                 return;
             }
-            let mut current = fingerprints(&files);
-            if current == seen {
+            let Some(mut current) = watch.changed() else {
                 continue;
-            }
+            };
             loop {
                 std::thread::sleep(timing.settle);
-                let again = fingerprints(&files);
-                if again == current {
+                if watch.settled(&current) {
                     break;
                 }
-                current = again;
+                current = watch.current();
             }
-            seen = current;
             let Some(auth) = weak.upgrade() else {
                 return;
             };
-            if loaded(&auth) == seen {
+            if loaded(&auth) == current {
                 continue;
             }
             on_result(auth.reload());
