@@ -6,7 +6,6 @@
 //! variant must decide its own status.
 
 use infergate_filters::Rejection;
-use serde_json::json;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayError {
@@ -121,18 +120,13 @@ impl TimeoutPhase {
     }
 }
 
-/// Everything the proxy needs to answer and record one error.
+/// Everything the proxy needs to answer and record one error: what the
+/// client sees (the same [`Rejection`] a filter gives, so there is one shape
+/// for a client-facing error) and how the proxy handles the connection and
+/// the log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorSpec {
-    pub status: u16,
-    pub error_type: &'static str,
-    pub code: &'static str,
-    pub param: Option<&'static str>,
-    pub message: String,
-    /// Seconds for `Retry-After`, when a retry can help.
-    pub retry_after: Option<u32>,
-    /// Extra response headers (a filter's, e.g. `x-should-retry`).
-    pub headers: Vec<(&'static str, String)>,
+    pub error: Rejection,
     /// Whether the client connection can be kept (false when the body was not drained).
     pub keep_alive: bool,
     pub log_level: log::Level,
@@ -206,12 +200,12 @@ impl GatewayError {
             }
         };
         let retry_after = match self {
+            E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::NoHealthyBackend { .. } | E::ConnectFailed { .. } | E::ShuttingDown => Some(1),
             E::Overloaded { retry_after, .. }
             | E::QueueFull { retry_after, .. }
             | E::QueueWouldWait { retry_after, .. }
             | E::QueueTimeout { retry_after, .. } => Some((*retry_after).max(1)),
-            E::Rejected(r) => r.retry_after.map(|s| s.max(1)),
             E::Engine(crate::engines::EngineError::Failed { .. }) => None,
             E::Engine(crate::engines::EngineError::TooLargeForGpu { .. }) => None,
             E::Engine(crate::engines::EngineError::NoGpuMemory { .. }) => Some(10),
@@ -219,7 +213,6 @@ impl GatewayError {
             _ => None,
         };
         let headers = match self {
-            E::Rejected(r) => r.headers.clone(),
             // the OpenAI SDKs retry 503s unless told not to: this one never passes
             E::Engine(crate::engines::EngineError::TooLargeForGpu { .. }) => {
                 vec![("x-should-retry", "false".to_string())]
@@ -245,14 +238,22 @@ impl GatewayError {
         } else {
             log::Level::Info
         };
+        let error = match self {
+            // a filter's refusal keeps its headers and its limit label
+            E::Rejected(r) => Rejection {
+                retry_after,
+                ..(**r).clone()
+            },
+            _ => {
+                let mut error = Rejection::new(status, error_type, code, message);
+                error.param = param;
+                error.retry_after = retry_after;
+                error.headers = headers;
+                error
+            }
+        };
         ErrorSpec {
-            status,
-            error_type,
-            code,
-            param,
-            message,
-            retry_after,
-            headers,
+            error,
             keep_alive,
             log_level,
         }
@@ -262,19 +263,8 @@ impl GatewayError {
 impl ErrorSpec {
     /// OpenAI's error schema: all four keys, `param` and `code` nullable strings.
     pub fn body(&self) -> Vec<u8> {
-        openai_error_body(&self.message, self.error_type, self.param, Some(self.code))
+        self.error.body()
     }
-}
-
-pub fn openai_error_body(
-    message: &str,
-    error_type: &str,
-    param: Option<&str>,
-    code: Option<&str>,
-) -> Vec<u8> {
-    json!({"error": {"message": message, "type": error_type, "param": param, "code": code}})
-        .to_string()
-        .into_bytes()
 }
 
 /// Client-supplied text echoed in a message: bounded and printable.
@@ -294,7 +284,7 @@ mod tests {
     fn unknown_model_is_404_model_not_found_with_param() {
         let spec = GatewayError::UnknownModel { model: "x".into() }.spec();
         assert_eq!(
-            (spec.status, spec.code, spec.param),
+            (spec.error.status, spec.error.code, spec.error.param),
             (404, "model_not_found", Some("model"))
         );
         let body: serde_json::Value = serde_json::from_slice(&spec.body()).unwrap_or_default();
@@ -311,13 +301,13 @@ mod tests {
             pool: "chat".into(),
         }
         .spec();
-        assert_eq!((spec.status, spec.retry_after), (503, Some(1)));
+        assert_eq!((spec.error.status, spec.error.retry_after), (503, Some(1)));
     }
 
     #[test]
     fn oversized_body_closes_the_connection() {
         let spec = GatewayError::BodyTooLarge { limit: 10 }.spec();
-        assert_eq!((spec.status, spec.keep_alive), (413, false));
+        assert_eq!((spec.error.status, spec.keep_alive), (413, false));
     }
 
     #[test]
@@ -326,7 +316,7 @@ mod tests {
             model: format!("a\n{}", "b".repeat(500)),
         }
         .spec();
-        assert!(!spec.message.contains('\n'));
-        assert!(spec.message.len() < 400);
+        assert!(!spec.error.message.contains('\n'));
+        assert!(spec.error.message.len() < 400);
     }
 }

@@ -219,7 +219,9 @@ pub enum Flow {
     Respond(LocalResponse),
 }
 
-/// A filter's refusal: the gateway turns it into an OpenAI-shaped error.
+/// An error as the client sees it: a filter's refusal, and (through the
+/// gateway's `ErrorSpec`) every other error the gateway answers with. The
+/// body is OpenAI's error object ([`Rejection::body`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub status: u16,
@@ -255,6 +257,23 @@ impl Rejection {
             limit: None,
         }
     }
+
+    /// OpenAI's error schema: all four keys, `param` and `code` nullable strings.
+    pub fn body(&self) -> Vec<u8> {
+        openai_error_body(&self.message, self.error_type, self.param, Some(self.code))
+    }
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`, OpenAI's error object.
+pub fn openai_error_body(
+    message: &str,
+    error_type: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Vec<u8> {
+    serde_json::json!({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+        .to_string()
+        .into_bytes()
 }
 
 /// One step of the chain.
@@ -338,5 +357,21 @@ pub(crate) mod testing {
         fn client_ip(&self) -> Option<IpAddr> {
             self.client_ip
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rejection;
+
+    #[test]
+    fn a_rejection_body_is_openai_s_error_object_with_all_four_keys() {
+        let rejection = Rejection::new(429, "requests", "rate_limit_exceeded", "slow down");
+        let body: serde_json::Value = serde_json::from_slice(&rejection.body()).unwrap_or_default();
+        assert_eq!(body["error"]["message"], "slow down");
+        assert_eq!(body["error"]["type"], "requests");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        let error = body["error"].as_object().cloned().unwrap_or_default();
+        assert!(error.get("param").is_some_and(|p| p.is_null()), "{body}");
     }
 }

@@ -791,11 +791,11 @@ async fn end_broken_stream(
     is_sse: bool,
 ) {
     let spec = error.spec();
-    ctx.error_code = Some(spec.code);
+    ctx.error_code = Some(spec.error.code);
     log::warn!(
         "request {}: {} after the response started",
         ctx.request_id(),
-        spec.message
+        spec.error.message
     );
     session.set_keepalive(None);
     if !is_sse {

@@ -184,7 +184,7 @@ impl ProxyHttp for Gateway {
             if written.is_err() {
                 ctx.client_gone = true;
             }
-            error.spec().status
+            error.spec().error.status
         };
         pingora_proxy::FailToProxy {
             error_code: code,
@@ -370,13 +370,13 @@ async fn handle(live: &Live, app: &AppState, session: &mut Session, ctx: &mut Re
         let written = if ctx.sse_started {
             // the stream's header already went out (engine start keep-alive)
             let spec = error.spec();
-            ctx.error_code = Some(spec.code);
+            ctx.error_code = Some(spec.error.code);
             log::log!(
                 spec.log_level,
                 "request {} failed after the stream started: {} {}",
                 ctx.request_id(),
-                spec.status,
-                spec.code
+                spec.error.status,
+                spec.error.code
             );
             respond::write_sse_error_event(session, &spec.body()).await
         } else {
@@ -871,7 +871,7 @@ async fn fall_back(
         log::info!(
             "request {}: model `{asked}` unavailable ({}); falling back to `{candidate}`",
             ctx.request_id(),
-            last.spec().code
+            last.spec().error.code
         );
         ctx.pool = Some(pool.name().to_string());
         ctx.fallback = Some(candidate.clone());

@@ -130,13 +130,13 @@ pub async fn write_error(
         spec.log_level,
         "request {} failed: {} {} ({})",
         ctx.request_id(),
-        spec.status,
-        spec.code,
-        spec.message
+        spec.error.status,
+        spec.error.code,
+        spec.error.message
     );
-    ctx.error_code = Some(spec.code);
-    let mut extra = spec.headers.clone();
-    if let Some(secs) = spec.retry_after {
+    ctx.error_code = Some(spec.error.code);
+    let mut extra = spec.error.headers.clone();
+    if let Some(secs) = spec.error.retry_after {
         extra.push(("retry-after", secs.to_string()));
     }
     if let GatewayError::MethodNotAllowed { allow } = error {
@@ -147,7 +147,7 @@ pub async fn write_error(
         session.set_keepalive(None);
         extra.push(("connection", "close".to_string()));
     }
-    write_json(session, ctx, spec.status, spec.body(), &extra).await?;
+    write_json(session, ctx, spec.error.status, spec.body(), &extra).await?;
     if let GatewayError::BodyTooLarge { .. } = error {
         super::read_body::drain_briefly(session).await;
     }

@@ -7,8 +7,9 @@
 //! `code`, so the gateway rewrites the body and keeps the engine's status.
 
 use super::ctx::RequestCtx;
-use crate::errors::{openai_error_body, GatewayError};
+use crate::errors::GatewayError;
 use crate::state::AppState;
+use infergate_filters::openai_error_body;
 use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
