@@ -21,6 +21,7 @@
 //! client-visible error to its status and OpenAI body.
 
 pub mod access_log;
+pub mod batch_writer;
 pub mod body;
 pub mod body_budget;
 pub mod catalog;
