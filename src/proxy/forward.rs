@@ -330,49 +330,71 @@ pub async fn forward_direct(
     let request = upstream_request(session.req_header(), body.len())?;
     let peer = make_peer(app, address);
     ctx.backend = Some(address);
+    let mut upstream = match connect_and_write(app, ctx, (&peer, address), &request, &body).await {
+        Ok(upstream) => upstream,
+        Err(SendFailure::Connect(e)) => {
+            log::warn!(
+                "request {}: connect to engine {address} failed: {e}",
+                ctx.request_id()
+            );
+            return Err(GatewayError::ConnectFailed {
+                pool: ctx.pool.clone().unwrap_or_default(),
+                attempts: 1,
+            });
+        }
+        Err(SendFailure::Write(e)) => return Err(write_failed(&e)),
+    };
+    relay_response(app, session, ctx, &mut upstream).await?;
+    finish(app, ctx, upstream, &peer).await;
+    Ok(())
+}
+
+/// Why one backend did not take the request.
+enum SendFailure {
+    /// No connection: the engine saw nothing.
+    Connect(Box<pingora_error::Error>),
+    /// Writing the request failed on a fresh connection.
+    Write(Box<pingora_error::Error>),
+}
+
+fn write_failed(e: &pingora_error::Error) -> GatewayError {
+    GatewayError::UpstreamFailed {
+        detail: format!("sending the request failed ({})", e.etype().as_str()),
+    }
+}
+
+/// Connect to `peer` (an idle pooled connection if there is one) and write
+/// the request. A pooled connection the engine has closed meanwhile fails
+/// the write having delivered nothing: it is replaced, at most twice.
+async fn connect_and_write(
+    app: &AppState,
+    ctx: &mut RequestCtx,
+    (peer, address): (&HttpPeer, SocketAddr),
+    request: &RequestHeader,
+    body: &Bytes,
+) -> Result<UpstreamSession, SendFailure> {
+    let host = address.to_string();
     let mut stale_retries = 0;
-    let mut upstream = loop {
-        let (mut upstream, reused) = match app.connector.get_http_session(&peer).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                log::warn!(
-                    "request {}: connect to engine {address} failed: {e}",
-                    ctx.request_id()
-                );
-                return Err(GatewayError::ConnectFailed {
-                    pool: ctx.pool.clone().unwrap_or_default(),
-                    attempts: 1,
-                });
-            }
-        };
+    loop {
+        let (mut upstream, reused) = app
+            .connector
+            .get_http_session(peer)
+            .await
+            .map_err(SendFailure::Connect)?;
         let mut req = request.clone();
-        let _ = req.insert_header("host", address.to_string());
-        match write_request(&mut upstream, req, &body).await {
+        let _ = req.insert_header("host", host.as_str());
+        match write_request(&mut upstream, req, body).await {
             Ok(()) => {
                 ctx.sent_at = Some(Instant::now());
-                break upstream;
+                return Ok(upstream);
             }
             Err(e) if reused && stale_retries < 2 => {
                 log::debug!("stale pooled connection to {address}: {e}; retrying on a new one");
                 stale_retries += 1;
             }
-            Err(e) => {
-                return Err(GatewayError::UpstreamFailed {
-                    detail: format!("sending the request failed ({})", e.etype().as_str()),
-                })
-            }
+            Err(e) => return Err(SendFailure::Write(e)),
         }
-    };
-    relay_response(app, session, ctx, &mut upstream).await?;
-    if ctx.client_gone {
-        return Ok(());
     }
-    if upstream.is_body_done() {
-        app.connector
-            .release_http_session(upstream, &peer, Some(app.config.upstream.keepalive_idle))
-            .await;
-    }
-    Ok(())
 }
 
 fn upstream_request(
@@ -415,7 +437,6 @@ async fn send_request(
     mut first: Option<Picked>,
 ) -> Result<(UpstreamSession, HttpPeer), GatewayError> {
     let mut last_timeout = false;
-    let mut stale_retries = 0;
     let mut connects = 0;
     while connects < app.config.upstream.max_connect_attempts {
         let picked = match first.take() {
@@ -439,9 +460,9 @@ async fn send_request(
         let peer = make_peer(app, address);
         ctx.backend = Some(address);
         ctx.inflight = Some(guard);
-        let (mut upstream, reused) = match app.connector.get_http_session(&peer).await {
-            Ok(pair) => pair,
-            Err(e) => {
+        match connect_and_write(app, ctx, (&peer, address), request, body).await {
+            Ok(upstream) => return Ok((upstream, peer)),
+            Err(SendFailure::Connect(e)) => {
                 last_timeout = matches!(e.etype(), ErrorType::ConnectTimedout);
                 log::warn!(
                     "request {}: connect to {address} failed: {e}",
@@ -451,27 +472,11 @@ async fn send_request(
                 record_outcome(ctx, false);
                 tried.push(address);
                 connects += 1;
-                continue;
             }
-        };
-        let mut req = request.clone();
-        let _ = req.insert_header("host", address.to_string());
-        match write_request(&mut upstream, req, body).await {
-            Ok(()) => {
-                ctx.sent_at = Some(Instant::now());
-                return Ok((upstream, peer));
-            }
-            Err(e) if reused && stale_retries < 2 => {
-                // the engine closed this idle pooled connection; it saw nothing
-                log::debug!("stale pooled connection to {address}: {e}; retrying on a new one");
-                stale_retries += 1;
-            }
-            Err(e) => {
+            Err(SendFailure::Write(e)) => {
                 count_error(ctx);
                 record_outcome(ctx, false);
-                return Err(GatewayError::UpstreamFailed {
-                    detail: format!("sending the request failed ({})", e.etype().as_str()),
-                });
+                return Err(write_failed(&e));
             }
         }
     }
