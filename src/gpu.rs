@@ -1,5 +1,5 @@
-//! GPU state through NVML (`nvml-wrapper`), polled in the background into a
-//! snapshot that `/health` and `/metrics` read without touching the driver.
+//! GPU state through NVML (`nvml-wrapper`), polled by a background service
+//! (`GpuMonitor::poll`, stopped on shutdown) into a snapshot that `/health` and `/metrics` read without touching the driver.
 //!
 //! Without NVML (no NVIDIA driver, as on CI machines) the snapshot says why,
 //! one warning is logged, and everything else works.
@@ -51,47 +51,55 @@ pub struct GpuMonitor {
 }
 
 impl GpuMonitor {
-    /// Start polling on a background thread.
-    pub fn start() -> Arc<GpuMonitor> {
-        let monitor = Arc::new(GpuMonitor {
+    /// A monitor whose snapshot says nothing has been read yet;
+    /// [`GpuMonitor::poll`] (a background service) keeps it current.
+    pub fn new() -> Arc<GpuMonitor> {
+        Arc::new(GpuMonitor {
             snapshot: ArcSwap::from_pointee(GpuSnapshot {
                 unavailable: Some("GPU state has not been read yet".to_string()),
                 ..GpuSnapshot::default()
             }),
-        });
-        let poller = monitor.clone();
-        let spawned = std::thread::Builder::new()
-            .name("gpu-monitor".into())
-            .spawn(move || poller.run());
-        if let Err(e) = spawned {
-            monitor.snapshot.store(Arc::new(GpuSnapshot {
-                unavailable: Some(format!("the GPU monitor thread could not start: {e}")),
-                ..GpuSnapshot::default()
-            }));
-        }
-        monitor
+        })
     }
 
     pub fn snapshot(&self) -> Arc<GpuSnapshot> {
         self.snapshot.load_full()
     }
 
-    fn run(&self) {
-        let nvml = match Nvml::init() {
-            Ok(nvml) => nvml,
-            Err(e) => {
+    fn unavailable(&self, reason: String) {
+        self.snapshot.store(Arc::new(GpuSnapshot {
+            unavailable: Some(reason),
+            ..GpuSnapshot::default()
+        }));
+    }
+
+    /// Read GPU state every `POLL_EVERY` until `shutdown`. NVML calls block
+    /// (a slow driver can take tens of ms), so each read runs on the
+    /// runtime's blocking pool, never on a worker that serves requests.
+    pub async fn poll(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let nvml = match tokio::task::spawn_blocking(Nvml::init).await {
+            Ok(Ok(nvml)) => Arc::new(nvml),
+            Ok(Err(e)) => {
                 let reason = format!("NVML is not available ({e}); no NVIDIA GPU state");
                 log::warn!("{reason}; GPU fields in /health and /metrics stay empty");
-                self.snapshot.store(Arc::new(GpuSnapshot {
-                    unavailable: Some(reason),
-                    ..GpuSnapshot::default()
-                }));
+                self.unavailable(reason);
+                return;
+            }
+            Err(e) => {
+                self.unavailable(format!("the NVML reader failed: {e}"));
                 return;
             }
         };
         loop {
-            self.snapshot.store(Arc::new(read(&nvml)));
-            std::thread::sleep(POLL_EVERY);
+            let reader = nvml.clone();
+            match tokio::task::spawn_blocking(move || read(&reader)).await {
+                Ok(snapshot) => self.snapshot.store(Arc::new(snapshot)),
+                Err(e) => self.unavailable(format!("the NVML reader failed: {e}")),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }

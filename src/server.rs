@@ -157,6 +157,12 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "gpu monitor",
+        GpuPoller {
+            gpu: live.current().gpu.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "limits warnings",
         LimitsWarnings { live: live.clone() },
     ));
@@ -201,6 +207,18 @@ impl pingora_core::services::background::BackgroundService for LimitsWarnings {
                 }
             }
         }
+    }
+}
+
+/// GPU state through NVML, read every few seconds until shutdown.
+struct GpuPoller {
+    gpu: std::sync::Arc<crate::gpu::GpuMonitor>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for GpuPoller {
+    async fn start(&self, shutdown: pingora_core::server::ShutdownWatch) {
+        self.gpu.poll(shutdown).await;
     }
 }
 

@@ -87,7 +87,7 @@ impl AppState {
             log::warn!("{warning}");
         }
         let names = model_names(&config);
-        let gpu = GpuMonitor::start();
+        let gpu = GpuMonitor::new();
         let engines = Arc::new(Engines::new(config.engines.clone(), gpu.clone()));
         let metrics = Metrics::new(names.iter().cloned().collect())
             .map_err(|e| format!("cannot set up metrics: {e}"))?;

@@ -226,6 +226,15 @@ fn status_pages_keep_the_seed_shapes() {
     // no GPU here: null, and the reason
     assert_eq!(health["gpu"], Value::Null);
     assert!(health["gpu_unavailable"].is_string());
+    // the GPU monitor service runs: the reason becomes what NVML said
+    wait_until(
+        Duration::from_secs(10),
+        "the GPU monitor's first read",
+        || {
+            let reason = get_json(&gw.url("/health"))["gpu_unavailable"].clone();
+            reason.as_str().is_some_and(|r| r.contains("NVML"))
+        },
+    );
     assert_eq!(health["loaded_models"], 2);
     let tiny = &health["model_status"]["tiny-chat"];
     for key in [
