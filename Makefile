@@ -47,6 +47,7 @@ unit:
 
 lint:
 	scripts/check-large-files.sh
+	scripts/check-module-cycles.py
 	vendor/apply-patches.sh --check
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings

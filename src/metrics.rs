@@ -11,7 +11,6 @@
 //! (plus one histogram observation per streamed chunk); backend and model
 //! state is read from the router when Prometheus scrapes.
 
-use crate::state::AppState;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -38,6 +37,16 @@ const CHUNK_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     10.0,
 ];
+
+/// What the exposition reads at scrape time, handed in by the owner of
+/// the state (`AppState::metrics_text`) so this module does not depend on it.
+#[derive(Clone, Copy)]
+pub struct LiveState<'a> {
+    pub store: Option<&'a infergate_filters::limits::RedisStore>,
+    pub gpus: &'a crate::gpu::GpuSnapshot,
+    pub router: &'a crate::routing::Router,
+    pub engines: &'a crate::engines::Engines,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -423,8 +432,8 @@ impl Metrics {
     }
 
     /// The exposition, with backend and model state read now.
-    pub fn render(&self, app: &AppState) -> Vec<u8> {
-        self.refresh_state(app);
+    pub fn render(&self, live: LiveState<'_>) -> Vec<u8> {
+        self.refresh_state(live);
         let mut out = Vec::with_capacity(16 * 1024);
         let families = self.registry.gather();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
@@ -433,8 +442,8 @@ impl Metrics {
         out
     }
 
-    fn refresh_state(&self, app: &AppState) {
-        if let Some(store) = app.limits.as_ref().and_then(|l| l.redis()) {
+    fn refresh_state(&self, app: LiveState<'_>) {
+        if let Some(store) = app.store {
             let kind = ["redis"];
             self.store_up
                 .with_label_values(&kind)
@@ -456,7 +465,7 @@ impl Metrics {
                 .with_label_values(&kind)
                 .set(i64::try_from(store.leases_held()).unwrap_or(i64::MAX));
         }
-        for gpu in &app.gpu.snapshot().gpus {
+        for gpu in &app.gpus.gpus {
             let id = gpu.id.to_string();
             self.gpu_total_mb
                 .with_label_values(&[id.as_str()])

@@ -53,6 +53,18 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The Prometheus exposition, with backend, engine, GPU and store
+    /// state read now.
+    pub fn metrics_text(&self) -> Vec<u8> {
+        let gpus = self.gpu.snapshot();
+        self.metrics.render(crate::metrics::LiveState {
+            store: self.limits.as_ref().and_then(|l| l.redis()).map(|s| &**s),
+            gpus: &gpus,
+            router: &self.router,
+            engines: &self.engines,
+        })
+    }
+
     /// Readiness turns 503 now; open responses must end `after` plus the
     /// grace period from now, less a margin to write their error before
     /// Pingora stops the runtime.

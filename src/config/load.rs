@@ -68,7 +68,7 @@ pub fn parse_str(text: &str) -> Result<Config, Vec<ConfigError>> {
         upstream: section::<RawUpstream>(&map, "upstream", &mut errors).unwrap_or_default(),
         routing: section::<RawRouting>(&map, "routing", &mut errors).unwrap_or_default(),
         access_log: section::<RawAccessLog>(&map, "access_log", &mut errors).unwrap_or_default(),
-        engines: section::<crate::engines::config::RawEngines>(&map, "engines", &mut errors)
+        engines: section::<crate::config::engines::RawEngines>(&map, "engines", &mut errors)
             .unwrap_or_default(),
         pools: list::<RawPool>(&map, "pools", &mut errors),
         fallbacks: section(&map, "fallbacks", &mut errors).unwrap_or_default(),

@@ -6,6 +6,7 @@
 //! An invalid file never produces a `Config`.
 
 pub(crate) mod duration;
+pub mod engines;
 mod load;
 mod raw;
 mod validate;
@@ -47,7 +48,7 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     pub filters: Vec<FilterConfig>,
     /// Engine processes infergate manages.
-    pub engines: crate::engines::config::EnginesConfig,
+    pub engines: engines::EnginesConfig,
     /// model → the models to try, in order, when its pool has no healthy
     /// backend or its queue is full (top level and every pool's, merged).
     pub fallbacks: BTreeMap<String, Vec<String>>,
@@ -165,6 +166,10 @@ pub enum SessionKey {
     User,
     None,
 }
+
+/// Backends a prefix-aware pool can tell apart (the prefix index keeps a
+/// 64-bit mask of backends per entry); validation refuses more.
+pub const PREFIX_MAX_BACKENDS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefixAwareConfig {

@@ -23,7 +23,7 @@ const MAX_WEIGHT: usize = 1000;
 
 pub struct RawConfig {
     pub access_log: RawAccessLog,
-    pub engines: crate::engines::config::RawEngines,
+    pub engines: crate::config::engines::RawEngines,
     pub server: RawServer,
     pub timeouts: RawTimeouts,
     pub upstream: RawUpstream,
@@ -73,7 +73,7 @@ pub fn validate(raw: RawConfig, errors: &mut Vec<ConfigError>) -> Config {
         .enumerate()
         .filter_map(|(i, p)| p.map(|p| validate_pool(i, p, &mut errs)))
         .collect();
-    let engines = crate::engines::config::validate(raw.engines, &mut |path, message| {
+    let engines = crate::config::engines::validate(raw.engines, &mut |path, message| {
         errs.push(path, message)
     });
     if pools.is_empty() && engines.models.is_empty() && errs.0.is_empty() {
@@ -411,12 +411,12 @@ fn validate_pool(i: usize, raw: RawPool, errs: &mut Errors) -> PoolConfig {
     let engine_metrics =
         validate_engine_metrics(&at, balance, raw.engine_metrics.unwrap_or_default(), errs);
     let prefix_aware = validate_prefix_aware(&at, raw.prefix_aware.unwrap_or_default(), errs);
-    if balance == Balance::PrefixAware && backends.len() > crate::routing::PREFIX_MAX_BACKENDS {
+    if balance == Balance::PrefixAware && backends.len() > super::PREFIX_MAX_BACKENDS {
         errs.push(
             format!("{at}.backends"),
             format!(
                 "`balance: prefix_aware` supports at most {} backends per pool",
-                crate::routing::PREFIX_MAX_BACKENDS
+                super::PREFIX_MAX_BACKENDS
             ),
         );
     }

@@ -9,12 +9,11 @@
 //! `max_restarts` consecutive failures the engine is `failed` until an admin
 //! `load` resets it. Concurrent first requests share one start.
 
-pub mod config;
 mod logfile;
 mod process;
 
-use self::config::{EnginesConfig, GpuSource, ManagedModel};
 use self::process::{EngineProcess, SpawnSpec};
+use crate::config::engines::{self as config, EnginesConfig, GpuSource, ManagedModel};
 use crate::gpu::GpuMonitor;
 use serde::Serialize;
 use std::collections::BTreeSet;

@@ -530,7 +530,7 @@ async fn route_and_forward(
             app.metrics
                 .buffered_body_bytes
                 .set(i64::try_from(live.body_budget.used()).unwrap_or(i64::MAX));
-            let body = app.metrics.render(app);
+            let body = app.metrics_text();
             let header = [(
                 "content-type",
                 "text/plain; version=0.0.4; charset=utf-8".to_string(),

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Backends a prefix-aware pool can tell apart (bits of the mask).
-pub const MAX_BACKENDS: usize = 64;
+pub use crate::config::PREFIX_MAX_BACKENDS as MAX_BACKENDS;
 
 /// Upper bound of the heap one entry costs: the LRU node (key, value, two
 /// links: 32 bytes) plus its share of the hash table (16 bytes and a control

@@ -15,7 +15,7 @@
 //!       idle_ttl: 30m
 //! ```
 
-use crate::config::duration::parse_duration;
+use super::duration::parse_duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
