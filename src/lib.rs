@@ -15,7 +15,11 @@
 //! |                       | `proxy::forward`     | upstream exchange, streaming, failover    |
 //! |                       | `usage`              | token usage read off the response         |
 //! | `logging`             | `proxy` (access log) | one line per request, settles usage       |
-//! | background service    | `health`             | health checks, model discovery            |
+//! | background services   | `health`             | pool supervisor: checks, model discovery  |
+//! | (`server`)            | `reload`             | config reload (file watch, SIGHUP)        |
+//! |                       | `infergate-filters`  | limits warnings (store reachability)      |
+//! |                       | `gpu`                | GPU monitor (NVML polling)                |
+//! |                       | `engines`            | engine manager: preload, idle unload, stop|
 //!
 //! `config` turns YAML into a validated [`config::Config`]; `errors` maps every
 //! client-visible error to its status and OpenAI body.

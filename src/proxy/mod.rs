@@ -3,9 +3,11 @@
 //!
 //! Hooks stay thin. `request_filter` runs the filter chain, classifies the
 //! endpoint and either answers locally (`/v1/models`, `/health`) or reads the
-//! whole body, resolves `model` → pool and hands off to [`forward`]. It always
-//! answers itself (returns `Ok(true)`), so `upstream_peer` is never reached:
-//! see docs/adr/0001-body-pre-read.md for why. `logging` writes the access
+//! whole body, resolves `model` → pool and hands off to [`forward`]. It
+//! answers itself (returns `Ok(true)`), so `upstream_peer` is not reached
+//! (docs/adr/0001-body-pre-read.md says why), except for a WebSocket
+//! upgrade, which returns `Ok(false)` and goes through Pingora's own proxy
+//! path (`upstream_peer`) as a tunnel. `logging` writes the access
 //! line for every request, success, error or disconnect.
 
 mod admin;
