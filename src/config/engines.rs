@@ -203,6 +203,36 @@ pub struct ManagedModel {
     pub enable_lora: bool,
 }
 
+#[cfg(test)]
+impl ManagedModel {
+    /// A `kind: command` model running `true`, for unit tests.
+    pub(crate) fn for_tests(
+        name: &str,
+        gpus: Vec<u32>,
+        gpu_memory_mb: u64,
+        idle_ttl: Option<Duration>,
+    ) -> ManagedModel {
+        ManagedModel {
+            name: name.to_string(),
+            kind: EngineKind::Command,
+            path: None,
+            command: vec!["true".to_string()],
+            env: vec![],
+            workdir: None,
+            gpus,
+            gpu_memory_mb,
+            startup_timeout: Duration::from_secs(1),
+            health_path: "/health".to_string(),
+            idle_ttl,
+            preload: false,
+            max_restarts: 0,
+            aliases: Default::default(),
+            lora: vec![],
+            enable_lora: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnginesConfig {
     pub ports: (u16, u16),

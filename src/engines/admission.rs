@@ -200,7 +200,6 @@ pub(super) fn measured_gpu_memory(processes: &[(u32, u64)], pgid: u32) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn room(id: u32, total_mb: u64, free_mb: u64) -> GpuRoom {
         GpuRoom {
@@ -343,23 +342,8 @@ mod tests {
 
     #[test]
     fn check_warns_about_models_larger_than_their_gpu() {
-        let model = |name: &str, gpus: Vec<u32>, gpu_memory_mb: u64| ManagedModel {
-            name: name.to_string(),
-            kind: crate::config::engines::EngineKind::Command,
-            path: None,
-            command: vec!["true".to_string()],
-            env: vec![],
-            workdir: None,
-            gpus,
-            gpu_memory_mb,
-            startup_timeout: Duration::from_secs(1),
-            health_path: "/health".to_string(),
-            idle_ttl: None,
-            preload: false,
-            max_restarts: 0,
-            aliases: Default::default(),
-            lora: vec![],
-            enable_lora: false,
+        let model = |name: &str, gpus: Vec<u32>, gpu_memory_mb: u64| {
+            ManagedModel::for_tests(name, gpus, gpu_memory_mb, None)
         };
         let models = [
             model("fits", vec![0], 16_000),

@@ -210,24 +210,7 @@ mod tests {
         gpu_memory_mb: u64,
         idle_ttl: Option<Duration>,
     ) -> ManagedModel {
-        ManagedModel {
-            name: name.to_string(),
-            kind: crate::config::engines::EngineKind::Command,
-            path: None,
-            command: vec!["true".to_string()],
-            env: vec![],
-            workdir: None,
-            gpus,
-            gpu_memory_mb,
-            startup_timeout: Duration::from_secs(1),
-            health_path: "/health".to_string(),
-            idle_ttl,
-            preload: false,
-            max_restarts: 0,
-            aliases: Default::default(),
-            lora: vec![],
-            enable_lora: false,
-        }
+        ManagedModel::for_tests(name, gpus, gpu_memory_mb, idle_ttl)
     }
 
     fn running(engine: &Engine) {
