@@ -51,6 +51,24 @@ pub struct EngineStatus {
     pub last_error: Option<String>,
 }
 
+/// Why one start of an engine failed (the engine retries with backoff,
+/// then turns `failed`).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no free port in engines.port_range {from}-{to}")]
+    NoPort { from: u16, to: u16 },
+    #[error(transparent)]
+    Spawn(#[from] process::SpawnError),
+    #[error("the process {exit} before it was ready; last output: {tail}")]
+    Exited { exit: String, tail: String },
+    #[error("not ready within {} s (GET {path} never answered 200)", .waited.as_secs())]
+    NotReady { waited: Duration, path: String },
+    #[error("loading LoRA adapter `{name}` {why}")]
+    Adapter { name: String, why: String },
+    #[error("unloaded while starting ({how})")]
+    Unloaded { how: String },
+}
+
 pub struct Engines {
     /// The settings that need a restart (ports, logs, GPU source...); the
     /// `models` here are those of the start, see [`Engines::all`] for the
@@ -471,10 +489,10 @@ impl Engines {
                     log::warn!("engine `{}` crashed: {reason}", engine.spec.name);
                     reason
                 }
-                Err(reason) => {
-                    log::warn!("engine `{}` failed to start: {reason}", engine.spec.name);
+                Err(why) => {
+                    log::warn!("engine `{}` failed to start: {why}", engine.spec.name);
                     self.release_port(&engine);
-                    reason
+                    why.to_string()
                 }
             };
             *lock(&engine.last_error) = Some(reason.clone());
@@ -511,14 +529,14 @@ impl Engines {
     /// Spawn the process and wait for its readiness probe. On success the
     /// engine is `Running`; the process is returned for supervision (the
     /// mutex keeps a handle for stopping).
-    async fn start_once(&self, engine: &Arc<Engine>) -> Result<EngineProcess, String> {
+    async fn start_once(&self, engine: &Arc<Engine>) -> Result<EngineProcess, StartError> {
         let spec = &engine.spec;
         let port = loop {
             let Some(port) = self.take_port() else {
-                return Err(format!(
-                    "no free port in engines.port_range {}-{}",
-                    self.config.ports.0, self.config.ports.1
-                ));
+                return Err(StartError::NoPort {
+                    from: self.config.ports.0,
+                    to: self.config.ports.1,
+                });
             };
             // a port held by something else is skipped (and not handed out again)
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -570,9 +588,7 @@ impl Engines {
             if let Some(exit) = process.try_exited() {
                 let tail = process.log_tail(5);
                 engine.pid.store(0, Ordering::Relaxed);
-                return Err(format!(
-                    "the process {exit} before it was ready; last output: {tail}"
-                ));
+                return Err(StartError::Exited { exit, tail });
             }
             if probe(addr, &probe_url_path).await {
                 break;
@@ -580,10 +596,10 @@ impl Engines {
             if Instant::now() >= deadline {
                 let _ = process.stop(self.config.stop_grace).await;
                 engine.pid.store(0, Ordering::Relaxed);
-                return Err(format!(
-                    "not ready within {} s (GET {probe_url_path} never answered 200)",
-                    spec.startup_timeout.as_secs()
-                ));
+                return Err(StartError::NotReady {
+                    waited: spec.startup_timeout,
+                    path: probe_url_path,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -595,15 +611,21 @@ impl Engines {
                 Ok((status, text)) => {
                     let _ = process.stop(self.config.stop_grace).await;
                     engine.pid.store(0, Ordering::Release);
-                    return Err(format!(
-                        "loading LoRA adapter `{name}` from {path} failed ({status}): {}",
-                        text.chars().take(300).collect::<String>()
-                    ));
+                    return Err(StartError::Adapter {
+                        name,
+                        why: format!(
+                            "from {path} failed ({status}): {}",
+                            text.chars().take(300).collect::<String>()
+                        ),
+                    });
                 }
                 Err(e) => {
                     let _ = process.stop(self.config.stop_grace).await;
                     engine.pid.store(0, Ordering::Release);
-                    return Err(format!("loading LoRA adapter `{name}` failed: {e}"));
+                    return Err(StartError::Adapter {
+                        name,
+                        why: format!("failed: {e}"),
+                    });
                 }
             }
         }
@@ -626,7 +648,7 @@ impl Engines {
             // unloaded while starting
             let how = process.stop(self.config.stop_grace).await;
             engine.pid.store(0, Ordering::Release);
-            return Err(format!("unloaded while starting ({how})"));
+            return Err(StartError::Unloaded { how });
         }
         *lock(&engine.started) = Some(Instant::now());
         Ok(process)
@@ -789,7 +811,11 @@ fn sanitize(name: &str) -> String {
 }
 
 /// A small JSON POST to an engine's own API: (status, body).
-async fn post_json(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String), String> {
+async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), crate::fetch::FetchError> {
     let (status, answer) = crate::fetch::exchange(
         "POST",
         addr,
@@ -813,7 +839,7 @@ async fn adapter_call(
         .await
         .map_err(|e| AdapterError::Engine {
             status: 502,
-            message: e,
+            message: e.to_string(),
         })?;
     if status != 200 {
         return Err(AdapterError::Engine {

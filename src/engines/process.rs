@@ -101,26 +101,72 @@ impl fmt::Debug for EngineProcess {
     }
 }
 
+/// Why an engine process could not be started: the program, and what failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot start `{program}`: {why}")]
+pub struct SpawnError {
+    pub program: String,
+    pub why: SpawnFailure,
+}
+
+impl SpawnError {
+    fn new(program: &str, why: SpawnFailure) -> SpawnError {
+        SpawnError {
+            program: program.to_string(),
+            why,
+        }
+    }
+}
+
+/// What failed in a start (OS errors as their message, e.g. "No such file
+/// or directory").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpawnFailure {
+    #[error("no tokio runtime")]
+    NoRuntime,
+    #[error("the engine-spawner thread is gone")]
+    SpawnerGone,
+    #[error("cannot start the engine-spawner thread: {0}")]
+    SpawnerThread(String),
+    #[error("internal error")]
+    Internal,
+    #[error("working directory {} does not exist", .0.display())]
+    NoWorkdir(PathBuf),
+    #[error("cannot open its log {}: {reason}", .path.display())]
+    Log { path: PathBuf, reason: String },
+    #[error("pipe: {0}")]
+    Pipe(String),
+    #[error("dup: {0}")]
+    Dup(String),
+    #[error("cannot start its log thread: {0}")]
+    LogThread(String),
+    #[error("{0}")]
+    Os(String),
+    #[error("it vanished at once")]
+    Vanished,
+}
+
 impl EngineProcess {
     /// Start it (see the module docs). Err names the program and the OS error,
     /// e.g. "cannot start `vllm`: No such file or directory".
-    pub async fn spawn(spec: &SpawnSpec) -> Result<EngineProcess, String> {
-        let runtime = Handle::try_current()
-            .map_err(|_| format!("cannot start `{}`: no tokio runtime", spec.program))?;
+    pub async fn spawn(spec: &SpawnSpec) -> Result<EngineProcess, SpawnError> {
+        let cannot = |why| SpawnError::new(&spec.program, why);
+        let runtime = Handle::try_current().map_err(|_| cannot(SpawnFailure::NoRuntime))?;
         let (reply, answer) = oneshot::channel();
         let request = SpawnRequest {
             spec: spec.clone(),
             runtime,
             reply,
         };
-        spawner()?
+        spawner()
+            .map_err(|e| cannot(e.clone()))?
             .send(request)
-            .map_err(|_| "the engine-spawner thread is gone".to_string())?;
+            .map_err(|_| cannot(SpawnFailure::SpawnerGone))?;
         // If this future is dropped before the answer arrives, the spawner
         // drops the new EngineProcess, which kills it: no orphan.
         answer
             .await
-            .map_err(|_| "the engine-spawner thread is gone".to_string())?
+            .map_err(|_| cannot(SpawnFailure::SpawnerGone))?
     }
 
     pub fn pid(&self) -> u32 {
@@ -330,13 +376,13 @@ struct SpawnRequest {
     spec: SpawnSpec,
     /// The caller's runtime: the child is registered with its reactor.
     runtime: Handle,
-    reply: oneshot::Sender<Result<EngineProcess, String>>,
+    reply: oneshot::Sender<Result<EngineProcess, SpawnError>>,
 }
 
 /// The channel to the `engine-spawner` thread, started on first use and
 /// never ended.
-fn spawner() -> Result<&'static mpsc::Sender<SpawnRequest>, String> {
-    static SPAWNER: OnceLock<Result<mpsc::Sender<SpawnRequest>, String>> = OnceLock::new();
+fn spawner() -> Result<&'static mpsc::Sender<SpawnRequest>, &'static SpawnFailure> {
+    static SPAWNER: OnceLock<Result<mpsc::Sender<SpawnRequest>, SpawnFailure>> = OnceLock::new();
     SPAWNER
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -350,9 +396,9 @@ fn spawner() -> Result<&'static mpsc::Sender<SpawnRequest>, String> {
                         let started =
                             std::panic::catch_unwind(AssertUnwindSafe(|| start(&request.spec)))
                                 .unwrap_or_else(|_| {
-                                    Err(format!(
-                                        "cannot start `{}`: internal error",
-                                        request.spec.program
+                                    Err(SpawnError::new(
+                                        &request.spec.program,
+                                        SpawnFailure::Internal,
                                     ))
                                 });
                         // Err: the caller gave up; dropping the engine kills it.
@@ -360,36 +406,31 @@ fn spawner() -> Result<&'static mpsc::Sender<SpawnRequest>, String> {
                     }
                 })
                 .map(|_| tx)
-                .map_err(|e| format!("cannot start the engine-spawner thread: {e}"))
+                .map_err(|e| SpawnFailure::SpawnerThread(os_message(&e)))
         })
         .as_ref()
-        .map_err(Clone::clone)
 }
 
 /// Runs on the `engine-spawner` thread (inside the caller's runtime).
-fn start(spec: &SpawnSpec) -> Result<EngineProcess, String> {
-    let cannot = |why: String| format!("cannot start `{}`: {why}", spec.program);
+fn start(spec: &SpawnSpec) -> Result<EngineProcess, SpawnError> {
+    let cannot = |why| SpawnError::new(&spec.program, why);
     if let Some(dir) = &spec.workdir {
         if !dir.is_dir() {
-            return Err(cannot(format!(
-                "working directory {} does not exist",
-                dir.display()
-            )));
+            return Err(cannot(SpawnFailure::NoWorkdir(dir.clone())));
         }
     }
     let log =
         RotatingLog::open(&spec.log_path, spec.log_max_bytes, spec.log_max_files).map_err(|e| {
-            cannot(format!(
-                "cannot open its log {}: {}",
-                spec.log_path.display(),
-                os_message(&e)
-            ))
+            cannot(SpawnFailure::Log {
+                path: spec.log_path.clone(),
+                reason: os_message(&e),
+            })
         })?;
     let (read_end, write_end) =
-        pipe_cloexec().map_err(|e| cannot(format!("pipe: {}", os_message(&e))))?;
+        pipe_cloexec().map_err(|e| cannot(SpawnFailure::Pipe(os_message(&e))))?;
     let write_end_2 = write_end
         .try_clone()
-        .map_err(|e| cannot(format!("dup: {}", os_message(&e))))?;
+        .map_err(|e| cannot(SpawnFailure::Dup(os_message(&e))))?;
 
     // The copier first: if spawning fails it just sees end of output.
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_KEEP)));
@@ -399,7 +440,7 @@ fn start(spec: &SpawnSpec) -> Result<EngineProcess, String> {
     std::thread::Builder::new()
         .name("engine-log".into())
         .spawn(move || copy_output(File::from(read_end), log, &log_name, &copier_tail, &done_tx))
-        .map_err(|e| cannot(format!("cannot start its log thread: {e}")))?;
+        .map_err(|e| cannot(SpawnFailure::LogThread(os_message(&e))))?;
 
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -415,9 +456,9 @@ fn start(spec: &SpawnSpec) -> Result<EngineProcess, String> {
     let spawned = cmd.spawn();
     // Close our copies of the pipe's write end, or the copier never sees EOF.
     drop(cmd);
-    let child = spawned.map_err(|e| cannot(os_message(&e)))?;
+    let child = spawned.map_err(|e| cannot(SpawnFailure::Os(os_message(&e))))?;
     let Some(pid) = child.id() else {
-        return Err(cannot("it vanished at once".into()));
+        return Err(cannot(SpawnFailure::Vanished));
     };
     log::info!("engine `{}` started: pid {pid}", spec.program);
     Ok(EngineProcess {
@@ -773,14 +814,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = sh(dir.path(), "true");
         spec.program = "/nonexistent/vllm".into();
-        let err = EngineProcess::spawn(&spec).await.unwrap_err();
+        let err = EngineProcess::spawn(&spec).await.unwrap_err().to_string();
         assert_eq!(
             err,
             "cannot start `/nonexistent/vllm`: No such file or directory"
         );
 
         spec.program = "infergate-no-such-engine".into();
-        let err = EngineProcess::spawn(&spec).await.unwrap_err();
+        let err = EngineProcess::spawn(&spec).await.unwrap_err().to_string();
         assert_eq!(
             err,
             "cannot start `infergate-no-such-engine`: No such file or directory"
@@ -789,6 +830,8 @@ mod tests {
         let mut spec = sh(dir.path(), "true");
         spec.workdir = Some(dir.path().join("nope"));
         let err = EngineProcess::spawn(&spec).await.unwrap_err();
+        assert_eq!(err.why, SpawnFailure::NoWorkdir(dir.path().join("nope")));
+        let err = err.to_string();
         assert!(
             err.starts_with("cannot start `sh`: working directory"),
             "{err}"

@@ -40,7 +40,10 @@ pub async fn refresh(app: &AppState) {
     app.router.set_discovered(table);
 }
 
-async fn fetch_models(address: SocketAddr, limit: Duration) -> Result<Vec<String>, String> {
+async fn fetch_models(
+    address: SocketAddr,
+    limit: Duration,
+) -> Result<Vec<String>, crate::fetch::FetchError> {
     let body = crate::fetch::get(address, "/v1/models", limit, MAX_MODELS_BODY).await?;
     Ok(parse_model_ids(&body))
 }

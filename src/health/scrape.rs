@@ -24,9 +24,9 @@ pub async fn scrape_pool(pool: &Arc<Pool>) {
         let timeout = config.timeout;
         tasks.spawn(async move {
             let body = crate::fetch::get(state.address, &path, timeout, MAX_METRICS_BODY).await;
-            let parsed = body.and_then(|b| {
+            let parsed = body.map_err(ScrapeError::from).and_then(|b| {
                 let text = String::from_utf8_lossy(&b);
-                signals::parse(&text)
+                Ok(signals::parse(&text)?)
             });
             (state, parsed)
         });
@@ -57,11 +57,20 @@ pub async fn scrape_pool(pool: &Arc<Pool>) {
                 } else {
                     log::debug!("engine metrics of {}: {e}", state.address);
                 }
-                state.engine.record_failure(e);
+                state.engine.record_failure(e.to_string());
             }
         }
         if pump {
             pool.pump(); // the engine may have room again
         }
     }
+}
+
+/// Why a scrape of an engine's `/metrics` gave no load signals.
+#[derive(Debug, thiserror::Error)]
+enum ScrapeError {
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+    #[error(transparent)]
+    Parse(#[from] signals::NoLoadMetrics),
 }

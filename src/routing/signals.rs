@@ -80,9 +80,20 @@ fn sample_name(line: &str) -> &str {
     &line[..end]
 }
 
+/// Why an engine's `/metrics` answer gave no load signal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoLoadMetrics {
+    #[error("no vLLM, SGLang or llama.cpp load metrics in the answer")]
+    NoFamily,
+    #[error("no load metric (running, waiting, KV-cache use) in the answer")]
+    NoSignal,
+    #[error("unreadable samples of {}", .0.join(", "))]
+    Unreadable(Vec<String>),
+}
+
 /// Read the known signals off a Prometheus text exposition. `Err` when none
 /// of the known names is there (not an engine we know, or not metrics).
-pub fn parse(text: &str) -> Result<EngineSignals, String> {
+pub fn parse(text: &str) -> Result<EngineSignals, NoLoadMetrics> {
     // one buffer per (name) so each family is parsed on its own
     let mut found: Vec<(usize, String)> = Vec::new();
     for line in text.lines() {
@@ -103,7 +114,7 @@ pub fn parse(text: &str) -> Result<EngineSignals, String> {
         }
     }
     if found.is_empty() {
-        return Err("no vLLM, SGLang or llama.cpp load metrics in the answer".into());
+        return Err(NoLoadMetrics::NoFamily);
     }
     let mut signals = EngineSignals::default();
     let mut broken = Vec::new();
@@ -111,7 +122,7 @@ pub fn parse(text: &str) -> Result<EngineSignals, String> {
         for (index, buf) in found.iter().filter(|(i, _)| KNOWN[*i].1 == field) {
             let (name, _, family) = KNOWN[*index];
             let Some(values) = family_values(buf) else {
-                broken.push(name);
+                broken.push(name.to_string());
                 continue;
             };
             if values.is_empty() {
@@ -141,9 +152,9 @@ pub fn parse(text: &str) -> Result<EngineSignals, String> {
     }
     if signals.running.is_none() && signals.waiting.is_none() && signals.kv_usage.is_none() {
         return Err(if broken.is_empty() {
-            "no load metric (running, waiting, KV-cache use) in the answer".into()
+            NoLoadMetrics::NoSignal
         } else {
-            format!("unreadable samples of {}", broken.join(", "))
+            NoLoadMetrics::Unreadable(broken)
         });
     }
     Ok(signals)
