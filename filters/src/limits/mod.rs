@@ -170,7 +170,7 @@ impl Limits {
             .map_err(|(key, msg)| format!("limits.{key}: {msg}"))?;
         let store = match (store, &config.data_dir) {
             (Some(store), _) => store,
-            (None, Some(dir)) => Arc::new(QuotaStore::open(dir)?),
+            (None, Some(dir)) => Arc::new(QuotaStore::open(dir).map_err(|e| e.to_string())?),
             (None, None) => Arc::new(QuotaStore::in_memory()),
         };
         let redis = match (redis, config.store.kind) {

@@ -121,6 +121,58 @@ struct Line<'a> {
     u: std::borrow::Cow<'a, str>,
 }
 
+/// Why the quota store could not be opened, or a journal not folded; each
+/// names the file and, where an operator can act, what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the quota store directory {}: {source}; create it or give the gateway write access (limits.data_dir)", .path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the quota store {}: {source}; check that the file is a SQLite database the gateway can write (limits.data_dir)", .path.display())]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot open the quota store {}: the filesystem does not support SQLite's WAL mode (got `{mode}`); put limits.data_dir on a local disk", .path.display())]
+    NoWal { path: PathBuf, mode: String },
+    #[error("cannot create a quota journal: {0}; give the gateway write access (limits.data_dir)")]
+    Journal(Box<StoreError>),
+    #[error("cannot start the quota store's fold thread: {0}")]
+    FoldThread(std::io::Error),
+    #[error("cannot {what} {}: {source}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot {what} {}: {source}", .path.display())]
+    Db {
+        what: &'static str,
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+impl StoreError {
+    fn io(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn db(what: &'static str, path: &Path, source: rusqlite::Error) -> StoreError {
+        StoreError::Db {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 fn journal_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{JOURNAL_PREFIX}{n}{JOURNAL_SUFFIX}"))
 }
@@ -146,12 +198,12 @@ fn journal_files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 
 /// Create this process's next journal: a number no journal had (after every
 /// file present and every number folded), created exclusively and flocked.
-fn create_journal(dir: &Path, conn: &Connection) -> Result<(u64, File), String> {
+fn create_journal(dir: &Path, conn: &Connection) -> Result<(u64, File), StoreError> {
     let on_disk = journal_files(dir)
-        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .map_err(|e| StoreError::io("list", dir, e))?
         .last()
         .map_or(0, |(n, _)| *n);
-    let folded = max_folded(conn).map_err(|e| format!("cannot read {FILE_NAME}: {e}"))?;
+    let folded = max_folded(conn).map_err(|e| StoreError::db("read", &dir.join(FILE_NAME), e))?;
     let mut n = on_disk.max(folded) + 1;
     loop {
         let path = journal_path(dir, n);
@@ -162,27 +214,26 @@ fn create_journal(dir: &Path, conn: &Connection) -> Result<(u64, File), String> 
         {
             Ok(file) => {
                 file.try_lock()
-                    .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+                    .map_err(|e| StoreError::io("lock", &path, e.into()))?;
                 return Ok((n, file));
             }
             // another process took this number a moment ago
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
-            Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+            Err(e) => return Err(StoreError::io("create", &path, e)),
         }
     }
 }
 
 /// Hold `quota.lock` until the returned file is dropped.
-fn store_lock(dir: &Path) -> Result<File, String> {
+fn store_lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    file.lock()
-        .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+        .map_err(|e| StoreError::io("open", &path, e))?;
+    file.lock().map_err(|e| StoreError::io("lock", &path, e))?;
     Ok(file)
 }
 
@@ -284,8 +335,8 @@ fn fold_into(conn: &mut Connection, n: u64, sums: &Sums) -> rusqlite::Result<()>
 
 impl Db {
     /// Switch appends to a new journal and fold the previous one into the
-    /// database. Returns an error message for the warnings.
-    fn fold(&self) -> Result<(), String> {
+    /// database. The error goes to the warnings.
+    fn fold(&self) -> Result<(), StoreError> {
         let mut unfolded = lock(&self.folding);
         while let Some((n, _held)) = unfolded.first() {
             self.fold_file(*n)?;
@@ -326,20 +377,20 @@ impl Db {
     }
 
     /// Add journal `n` to the table (recording it as folded), then delete it.
-    fn fold_file(&self, n: u64) -> Result<(), String> {
+    fn fold_file(&self, n: u64) -> Result<(), StoreError> {
         let _store = store_lock(&self.dir)?;
         let path = journal_path(&self.dir, n);
+        let db_path = self.dir.join(FILE_NAME);
         let done =
-            is_folded(&lock(&self.conn), n).map_err(|e| format!("cannot read {FILE_NAME}: {e}"))?;
+            is_folded(&lock(&self.conn), n).map_err(|e| StoreError::db("read", &db_path, e))?;
         if done {
             let _ = std::fs::remove_file(&path);
             return Ok(());
         }
-        let (sums, _bad) =
-            read_journal(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let (sums, _bad) = read_journal(&path).map_err(|e| StoreError::io("read", &path, e))?;
         let mut conn = lock(&self.conn);
         fold_into(&mut conn, n, &sums)
-            .map_err(|e| format!("cannot fold {} into {FILE_NAME}: {e}", path.display()))?;
+            .map_err(|e| StoreError::db("fold a journal into", &db_path, e))?;
         drop(conn);
         // Folded: a leftover file would only be deleted at the next start.
         let _ = std::fs::remove_file(&path);
@@ -353,7 +404,7 @@ impl Drop for Db {
     }
 }
 
-fn spawn_folder(db: &Arc<Db>, warnings: Arc<Mutex<Warnings>>) -> Result<(), String> {
+fn spawn_folder(db: &Arc<Db>, warnings: Arc<Mutex<Warnings>>) -> std::io::Result<()> {
     let weak = Arc::downgrade(db);
     std::thread::Builder::new()
         .name("quota-fold".into())
@@ -371,26 +422,21 @@ fn spawn_folder(db: &Arc<Db>, warnings: Arc<Mutex<Warnings>>) -> Result<(), Stri
             }
         })
         .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 impl QuotaStore {
     /// Open (creating if needed) the store in `dir`: load the table, replay
     /// journals not yet folded, start the fold thread. The error names the
     /// path and says what to fix.
-    pub(crate) fn open(dir: &Path) -> Result<QuotaStore, String> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
-                "cannot create the quota store directory {}: {e}; create it or give the gateway write access (limits.data_dir)",
-                dir.display()
-            )
+    pub(crate) fn open(dir: &Path) -> Result<QuotaStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
         })?;
         let path = dir.join(FILE_NAME);
-        let fail = |e: rusqlite::Error| {
-            format!(
-                "cannot open the quota store {}: {e}; check that the file is a SQLite database the gateway can write (limits.data_dir)",
-                path.display()
-            )
+        let fail = |source: rusqlite::Error| StoreError::Open {
+            path: path.clone(),
+            source,
         };
         let mut conn = Connection::open(&path).map_err(fail)?;
         conn.busy_timeout(Duration::from_millis(250))
@@ -399,10 +445,7 @@ impl QuotaStore {
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(fail)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(format!(
-                "cannot open the quota store {}: the filesystem does not support SQLite's WAL mode (got `{mode}`); put limits.data_dir on a local disk",
-                path.display()
-            ));
+            return Err(StoreError::NoWal { path, mode });
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(fail)?;
@@ -422,12 +465,8 @@ impl QuotaStore {
         let warnings = Arc::new(Mutex::new(Warnings::default()));
         // a consistent view: no fold (by us or another process) meanwhile
         let store = store_lock(dir)?;
-        let journals = journal_files(dir).map_err(|e| {
-            format!(
-                "cannot list the quota store directory {}: {e}",
-                dir.display()
-            )
-        })?;
+        let journals = journal_files(dir)
+            .map_err(|e| StoreError::io("list the quota store directory", dir, e))?;
         let mut held: Vec<Sums> = Vec::new();
         for (n, journal) in &journals {
             if is_folded(&conn, *n).map_err(fail)? {
@@ -439,7 +478,7 @@ impl QuotaStore {
             };
             let owned_elsewhere = file.try_lock_shared().is_err();
             let (sums, bad) = read_journal(journal)
-                .map_err(|e| format!("cannot read the quota journal {}: {e}", journal.display()))?;
+                .map_err(|e| StoreError::io("read the quota journal", journal, e))?;
             if owned_elsewhere {
                 // another running gateway appends here and will fold it
                 held.push(sums);
@@ -452,12 +491,8 @@ impl QuotaStore {
                 );
             }
             fold_into(&mut conn, *n, &sums).map_err(fail)?;
-            std::fs::remove_file(journal).map_err(|e| {
-                format!(
-                    "cannot remove the folded quota journal {}: {e}",
-                    journal.display()
-                )
-            })?;
+            std::fs::remove_file(journal)
+                .map_err(|e| StoreError::io("remove the folded quota journal", journal, e))?;
         }
         let mut used = load(&conn).map_err(fail)?;
         for sums in held {
@@ -467,9 +502,7 @@ impl QuotaStore {
                 entry.user.get_or_insert(user);
             }
         }
-        let journal = create_journal(dir, &conn).map_err(|e| {
-            format!("cannot create a quota journal: {e}; give the gateway write access (limits.data_dir)")
-        })?;
+        let journal = create_journal(dir, &conn).map_err(|e| StoreError::Journal(Box::new(e)))?;
         drop(store);
         let db = Arc::new(Db {
             dir: dir.to_path_buf(),
@@ -478,8 +511,7 @@ impl QuotaStore {
             folding: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
-        spawn_folder(&db, warnings.clone())
-            .map_err(|e| format!("cannot start the quota store's fold thread: {e}"))?;
+        spawn_folder(&db, warnings.clone()).map_err(StoreError::FoldThread)?;
         Ok(QuotaStore {
             db: Some(db),
             used: Mutex::new(used),
@@ -563,7 +595,7 @@ impl QuotaStore {
     pub(crate) fn fold_now(&self) {
         if let Some(db) = &self.db {
             if let Err(e) = db.fold() {
-                self.warn(e);
+                self.warn(e.to_string());
             }
         }
     }
@@ -807,13 +839,15 @@ pub(crate) mod tests {
         let file = dir.0.join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
         let err = QuotaStore::open(&file).err().unwrap();
-        assert!(err.contains("not-a-dir"), "{err}");
+        assert!(matches!(err, StoreError::CreateDir { .. }), "{err:?}");
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
         // A file that is not a database.
         let bad = dir.0.join("bad");
         std::fs::create_dir_all(&bad).unwrap();
         std::fs::write(bad.join(FILE_NAME), vec![b'z'; 4096]).unwrap();
         let err = QuotaStore::open(&bad).err().unwrap();
-        assert!(err.contains(FILE_NAME), "{err}");
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains(FILE_NAME), "{err}");
     }
 
     #[test]
