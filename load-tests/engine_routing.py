@@ -68,7 +68,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lab as lablib  # noqa: E402
-from lab import BIN, HERE, REPO, cpu_seconds  # noqa: E402
+from lab import BIN, HERE, REPO, cpu_seconds, fmt, goal  # noqa: E402
 
 MODEL = "mock-model"
 POLICIES = ["round_robin", "least_inflight", "consistent_hash", "load_aware", "prefix_aware"]
@@ -856,10 +856,6 @@ def cost(lab, args, policies, support):
 
 
 # ------------------------------------------------------------------ goals and report
-def goal(scenario, name, ok, detail):
-    return {"scenario": scenario, "goal": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
-            "detail": detail}
-
 
 def get(res, scen, pol, *path):
     x = res.get(scen, {}).get("policies", {}).get(pol)
@@ -905,14 +901,6 @@ def goals(results):
 
 def ratio(a, b):
     return f" (x{a / b:.2f})" if a and b else ""
-
-
-def fmt(x, nd=1):
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{nd}f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def dist(d):
@@ -1137,27 +1125,7 @@ def main():
         return 130
     finally:
         lab.stop_all()
-    meta["loadavg_end"] = os.getloadavg()
-    end_bins = binaries()
-    if end_bins != meta["binaries"]:
-        meta["binaries_changed"] = end_bins
-        log("WARNING: a binary in target/release changed during the run (rebuilt); figures may mix builds")
-    meta["duration_s"] = time.time() - started
-    res["goals"] = goals(res["results"])
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-        f.write("\n")
-    md = markdown(res)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    log(f"results: {base}.json, {base}.md; done in {meta['duration_s']:.0f} s")
-    bad = [g for g in res["goals"] if g["status"] != "PASS"]
-    if args.check and bad:
-        for g in bad:
-            log(f"goal {g['status']}: {g['scenario']}: {g['goal']} ({g['detail']})")
-        return 1
-    return 0
+    return lablib.finish(res, base, started, binaries(), goals, markdown, args.check, log)
 
 
 if __name__ == "__main__":

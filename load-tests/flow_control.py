@@ -88,7 +88,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import engine_routing as er  # noqa: E402  (helpers: stats, HTTP, Prometheus text, Lab, Gateway, wrk)
-from lab import BIN, HERE, cpu_seconds  # noqa: E402
+import lab as lablib  # noqa: E402
+from lab import BIN, HERE, cpu_seconds, fmt, goal  # noqa: E402
 
 MODEL = "mock-model"
 SCENARIOS = ["overload", "noisy-neighbour", "faults", "cost"]
@@ -1314,10 +1315,6 @@ def cost(lab, args, unsupported):
 
 
 # ------------------------------------------------------------------ goals
-def goal(scenario, name, ok, detail):
-    return {"scenario": scenario, "goal": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
-            "detail": detail}
-
 
 def fv(x, unit=""):
     return "n/a" if x is None else f"{x:,.4g}{unit}"
@@ -1407,13 +1404,6 @@ def goals(R):
 
 
 # ------------------------------------------------------------------ report
-def fmt(x, nd=1):
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{nd}f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
 
 def rd_label(t, x):
     return f" (round {t['rd']})" if x.get("rounds") else ""
@@ -1643,27 +1633,7 @@ def main():
         return 130
     finally:
         lab.stop_all()
-    meta["loadavg_end"] = os.getloadavg()
-    end_bins = er.binaries()
-    if end_bins != meta["binaries"]:
-        meta["binaries_changed"] = end_bins
-        log("WARNING: a binary in target/release changed during the run (rebuilt); figures may mix builds")
-    meta["duration_s"] = time.time() - started
-    res["goals"] = goals(res["results"])
-    with open(base + ".json", "w") as f:
-        json.dump(res, f, indent=1, default=str)
-        f.write("\n")
-    md = markdown(res)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    log(f"results: {base}.json, {base}.md; done in {meta['duration_s']:.0f} s")
-    bad = [g for g in res["goals"] if g["status"] != "PASS"]
-    if args.check and bad:
-        for g in bad:
-            log(f"goal {g['status']}: {g['scenario']}: {g['goal']} ({g['detail']})")
-        return 1
-    return 0
+    return lablib.finish(res, base, started, er.binaries(), goals, markdown, args.check, log)
 
 
 if __name__ == "__main__":

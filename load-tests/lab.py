@@ -86,6 +86,48 @@ def rss_kib(pids):
     return total
 
 
+
+def goal(scenario, name, ok, detail):
+    """One row of a benchmark's goals table: PASS, FAIL or n/a (ok is None)."""
+    return {"scenario": scenario, "goal": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
+            "detail": detail}
+
+
+def fmt(x, nd=1):
+    """A table cell: – for nothing, thousands separators, nd decimals for floats."""
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def finish(res, base, started, end_binaries, goals, markdown, check, log):
+    """The common end of a benchmark run: note the load and any rebuilt binary,
+    evaluate the goals, write BASE.json and BASE.md, print the report; returns
+    the exit status (1 with --check when a goal did not pass)."""
+    meta = res["meta"]
+    meta["loadavg_end"] = os.getloadavg()
+    if end_binaries != meta["binaries"]:
+        meta["binaries_changed"] = end_binaries
+        log("WARNING: a binary in target/release changed during the run (rebuilt); figures may mix builds")
+    meta["duration_s"] = time.time() - started
+    res["goals"] = goals(res["results"])
+    with open(base + ".json", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+        f.write("\n")
+    md = markdown(res)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    log(f"results: {base}.json, {base}.md; done in {meta['duration_s']:.0f} s")
+    bad = [g for g in res["goals"] if g["status"] != "PASS"]
+    if check and bad:
+        for g in bad:
+            log(f"goal {g['status']}: {g['scenario']}: {g['goal']} ({g['detail']})")
+        return 1
+    return 0
+
 class Target:
     """Something the client talks to: a base address per upstream role and
     the pids whose CPU and memory count as the proxy's."""
