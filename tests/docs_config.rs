@@ -38,7 +38,7 @@ const SCHEMA: &[(&str, &[&str], &[&str])] = &[
         ],
     ),
     (
-        "src/engines/config.rs",
+        "src/config/engines.rs",
         &[
             "RawEngines",
             "RawGpu",
