@@ -1,5 +1,6 @@
 //! GPU state through NVML (`nvml-wrapper`), polled by a background service
-//! (`GpuMonitor::poll`, stopped on shutdown) into a snapshot that `/health` and `/metrics` read without touching the driver.
+//! (`GpuMonitor::poll`, stopped on shutdown) into a snapshot that `/health`
+//! and `/metrics` read without touching the driver.
 //!
 //! Without NVML (no NVIDIA driver, as on CI machines) the snapshot says why,
 //! one warning is logged, and everything else works.
