@@ -83,6 +83,51 @@ def goals(res):
         if b1:
             add("body inspection of a 1 MB prompt (part of the 2 ms routing goal)", f"{b1['median_ns'] / 1e6:.2f} ms",
                 b1["median_ns"] <= 2e6, "`body/inspect/1MB_model_last`")
+    out += goals_17(res)
+    return out
+
+
+def goals_17(res):
+    """Issue #17's goals: ratios to nginx in the same run, everything on."""
+    R = res["results"]
+    out = []
+
+    def add(goal, measured, ok, detail):
+        out.append({"goal": f"#17: {goal}", "measured": measured, "met": ok, "detail": detail})
+
+    a = R.get("throughput")
+    lv = a and ("64" if "64" in a["summary"] else max(a["summary"], key=int))
+    s = a and a["summary"][lv]
+    if s and GW in s and "nginx" in s:
+        g, n = s[GW], s["nginx"]
+        if g["proxy_cpu_us_per_req"] and n["proxy_cpu_us_per_req"]:
+            r = g["proxy_cpu_us_per_req"] / n["proxy_cpu_us_per_req"]
+            add(f"CPU per request ≤ 1.2 × nginx ({lv} connections)", f"{r:.2f}×", r <= 1.2,
+                f"infergate {g['proxy_cpu_us_per_req']:.1f} µs/req, nginx {n['proxy_cpu_us_per_req']:.1f}")
+        r = g["rps"] / n["rps"]
+        add(f"throughput ≥ 0.8 × nginx ({lv} connections)", f"{r:.2f}×", r >= 0.8,
+            f"infergate {g['rps']:,.0f} req/s, nginx {n['rps']:,.0f}")
+    c = R.get("streaming")
+    s = c and c["summary"].get("256")
+    if s and GW in s and "nginx" in s:
+        g, n = s[GW], s["nginx"]
+        if g["added_chunk_p99_us"] is not None and n["added_chunk_p99_us"] is not None:
+            add("256 streams: added per-chunk p99 ≤ nginx's", f"{f(g['added_chunk_p99_us'], 0, True)} µs",
+                g["added_chunk_p99_us"] <= n["added_chunk_p99_us"], f"nginx {f(n['added_chunk_p99_us'], 0, True)} µs")
+        gs, ns = g["coalesced"] / max(g["chunks"], 1), n["coalesced"] / max(n["chunks"], 1)
+        add("256 streams: coalesced share ≤ nginx's", f"{100 * gs:.2f} %", gs <= ns,
+            f"nginx {100 * ns:.2f} % ({g['coalesced']:,} vs {n['coalesced']:,} chunks)")
+    e = R.get("body_size")
+    if e:
+        rows = [(k, e["summary"][k]) for k in e["summary"] if k.startswith(f"{8 << 20} ")]
+        rows = [(k, x[GW]["added_p50_us"], x["nginx"]["added_p50_us"]) for k, x in rows
+                if GW in x and "nginx" in x and x[GW]["added_p50_us"] is not None
+                and x["nginx"]["added_p50_us"]]
+        if rows:
+            k, g, n = max(rows, key=lambda r: r[1] / r[2])
+            add("8 MB prompt: added time ≤ 1.5 × nginx's (added p50, worse of model first/last)",
+                f"{g / n:.2f}×", g / n <= 1.5, f"model {k.split()[1]}: infergate +{g / 1000:.1f} ms, "
+                f"nginx +{n / 1000:.1f} ms")
     return out
 
 

@@ -152,23 +152,30 @@ pub fn extract_model(body: &[u8]) -> Result<ModelField, GatewayError> {
 pub const MAX_DEPTH: usize = 128;
 
 /// Whether `[`/`{` nesting (outside strings) goes deeper than `limit`.
+///
+/// A prompt's bytes are almost all inside strings, so the scan jumps from
+/// one `"` or `\\` to the next with `memchr2` (SIMD) instead of looking at
+/// every byte: an 8 MB prompt is checked in a fraction of the time.
 fn exceeds_depth(body: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // skip the string: to its closing quote, past escapes
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i.min(body.len())..]) {
+                        None => return false,
+                        Some(k) if body[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -178,6 +185,7 @@ fn exceeds_depth(body: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -308,6 +316,16 @@ mod tests {
         let at_limit = format!("{}{}", "[".repeat(127), "]".repeat(127));
         assert!(!exceeds_depth(at_limit.as_bytes(), MAX_DEPTH));
         assert!(exceeds_depth("{".repeat(129).as_bytes(), MAX_DEPTH));
+        // escaped quotes and backslashes do not end a string early, and
+        // brackets after a string's end count again
+        let deep = "[".repeat(129);
+        let escaped = format!(r#"{{"x":"a\"{deep}\\\"{deep}"}}"#);
+        assert!(!exceeds_depth(escaped.as_bytes(), MAX_DEPTH));
+        let after = format!(r#"{{"x":"a\\"{deep}"#);
+        assert!(exceeds_depth(after.as_bytes(), MAX_DEPTH));
+        // an unterminated string, or one ending in a lone backslash
+        assert!(!exceeds_depth(br#"{"x":"abc"#, MAX_DEPTH));
+        assert!(!exceeds_depth(br#"{"x":"abc\"#, MAX_DEPTH));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::health::Supervisor;
 use crate::proxy::Gateway;
 use crate::state::{AppState, Live};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -125,14 +126,19 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
     );
     proxy.set_connection_filter(limit);
     let held: Vec<SocketAddr> = holds.iter().map(|(addr, _)| *addr).collect();
+    // No L4 read buffer on the client side (Pingora's default is 64 KiB per connection):
+    // Pingora reads the socket straight into its request header and body buffers, so an idle
+    // stream does not hold a buffer it never uses. There is no TLS listener, whose 16 KiB
+    // record reads are what that buffer is for. docs/performance.md.
     let add = |service: &mut pingora_core::services::listening::Service<_>, addr: SocketAddr| {
+        let mut endpoint =
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0));
         if held.contains(&addr) {
             let mut options = pingora_core::listeners::TcpSocketOptions::default();
             options.so_reuseport = Some(true);
-            service.add_tcp_with_settings(&addr.to_string(), options);
-        } else {
-            service.add_tcp(&addr.to_string());
+            endpoint = endpoint.tcp_socket_options(options);
         }
+        service.add_listener(endpoint);
     };
     add(&mut proxy, listen);
     server.add_service(proxy);

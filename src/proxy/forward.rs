@@ -19,6 +19,7 @@ use crate::usage::UsageTap;
 use bytes::Bytes;
 use infergate_filters::{Priority, Role};
 use pingora_core::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora_core::protocols::http::v1::client::ONE_WRITE_BODY_MAX;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::ErrorType;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -519,16 +520,23 @@ async fn write_request(
     req: RequestHeader,
     body: &Bytes,
 ) -> pingora_error::Result<()> {
-    // Pingora flushes the header on its own, then the body: two segments, and
-    // on loopback two wakeups of the engine. Corking the socket for the
-    // duration sends header and body together.
+    // One `write(2)` for the header and a body of up to 64 KiB (a patch to
+    // pingora-core, vendor/README.md): Pingora would flush the header on its
+    // own, then the body, two segments and on loopback two wake-ups of the
+    // engine. A larger body still follows the header in its own writes, with
+    // the socket corked so that the header rides with the first of them.
+    if body.len() <= ONE_WRITE_BODY_MAX {
+        upstream
+            .write_request_header_and_body(Box::new(req), body)
+            .await?;
+        upstream.finish_body().await?;
+        return Ok(());
+    }
     let fd = upstream.stream().id();
-    let corked = !body.is_empty() && super::sockopt::set_cork(fd, true);
+    let corked = super::sockopt::set_cork(fd, true);
     let result = async {
         upstream.write_request_header(Box::new(req)).await?;
-        if !body.is_empty() {
-            upstream.write_body(body).await?;
-        }
+        upstream.write_body(body).await?;
         upstream.finish_body().await?;
         Ok(())
     }

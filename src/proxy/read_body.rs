@@ -128,8 +128,16 @@ async fn read_bounded(
                 detail: e.to_string(),
             })?;
     }
-    // reserve for the declared size, but not more than 1 MiB before bytes arrive
-    let capacity = declared.unwrap_or(0).min(limit).min(1 << 20) as usize;
+    // Room for the declared size at once (an 8 MB prompt is not copied again
+    // on each doubling): it is already reserved in the body budget, which
+    // bounds the sum of them. Without a budget hold, at most 1 MiB before
+    // bytes arrive.
+    let declared_room = declared.unwrap_or(0).min(limit);
+    let capacity = if hold.is_some() {
+        declared_room
+    } else {
+        declared_room.min(1 << 20)
+    } as usize;
     let mut body = BytesMut::with_capacity(capacity);
     loop {
         let chunk = session

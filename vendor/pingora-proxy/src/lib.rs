@@ -1215,8 +1215,8 @@ where
             .early_request_filter(&mut session, &mut ctx)
             .await
         {
-            return self
-                .handle_error(session, &mut ctx, e, "Fail to early filter request:")
+            return Box::pin(self
+                .handle_error(session, &mut ctx, e, "Fail to early filter request:"))
                 .await;
         }
 
@@ -1232,13 +1232,13 @@ where
             .request_header_filter(req)
             .await
         {
-            return self
+            return Box::pin(self
                 .handle_error(
                     session,
                     &mut ctx,
                     e,
                     "Failed in downstream modules request filter:",
-                )
+                ))
                 .await;
         }
 
@@ -1252,9 +1252,7 @@ where
                     if let Some(uc) = self.inner.persist_connection_context(&session, &ctx) {
                         persistent_settings.set_user_context(uc);
                     }
-                    return session
-                        .downstream_session
-                        .finish()
+                    return Box::pin(session.downstream_session.finish())
                         .await
                         .ok()
                         .flatten()
@@ -1263,15 +1261,20 @@ where
                 /* else continue */
             }
             Err(e) => {
-                return self
-                    .handle_error(session, &mut ctx, e, "Fail to filter request:")
+                return Box::pin(self
+                    .handle_error(session, &mut ctx, e, "Fail to filter request:"))
                     .await;
             }
         }
 
-        if let Some((reuse, err)) = self.proxy_cache(&mut session, &mut ctx).await {
+        // infergate patch (smaller request futures): the cache and upstream branches are boxed,
+        // so that a connection's future is sized by the states it is in for most of its life
+        // (reading a request head, running `request_filter`) rather than by the largest branch.
+        // A proxy that answers in `request_filter` never allocates them; one that proxies pays one
+        // allocation per attempt.
+        if let Some((reuse, err)) = Box::pin(self.proxy_cache(&mut session, &mut ctx)).await {
             // cache hit
-            return self.finish(session, &mut ctx, reuse, err).await;
+            return Box::pin(self.finish(session, &mut ctx, reuse, err)).await;
         }
         // either uncacheable, or cache miss
 
@@ -1296,19 +1299,19 @@ where
                         match session.write_response_header_ref(&BAD_GATEWAY, true).await {
                             Ok(()) => {}
                             Err(e) => {
-                                return self
+                                return Box::pin(self
                                     .handle_error(
                                         session,
                                         &mut ctx,
                                         e,
                                         "Error responding with Bad Gateway:",
-                                    )
+                                    ))
                                     .await;
                             }
                         }
                     }
 
-                    return self.finish(session, &mut ctx, true, None).await;
+                    return Box::pin(self.finish(session, &mut ctx, true, None)).await;
                 }
                 /* else continue */
             }
@@ -1317,13 +1320,13 @@ where
                     session.cache.disable(NoCacheReason::InternalError);
                 }
 
-                return self
+                return Box::pin(self
                     .handle_error(
                         session,
                         &mut ctx,
                         e,
                         "Error deciding if we should proxy to upstream:",
-                    )
+                    ))
                     .await;
             }
         }
@@ -1336,7 +1339,7 @@ where
         while retries < self.max_retries {
             retries += 1;
 
-            let (reuse, e) = self.proxy_to_upstream(&mut session, &mut ctx).await;
+            let (reuse, e) = Box::pin(self.proxy_to_upstream(&mut session, &mut ctx)).await;
             server_reuse = reuse;
 
             match e {
@@ -1416,7 +1419,7 @@ where
         }
 
         // logging() will be called in finish()
-        self.finish(session, &mut ctx, server_reuse, final_error)
+        Box::pin(self.finish(session, &mut ctx, server_reuse, final_error))
             .await
     }
 
@@ -1696,7 +1699,8 @@ where
         let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
-        let mut session = match self.handle_new_request_timed(session, Some(reused)).await {
+        // infergate patch (smaller request futures): boxed, see process_request
+        let mut session = match Box::pin(self.handle_new_request_timed(session, Some(reused))).await {
             Some(downstream_session) => Session::new(
                 downstream_session,
                 &self.downstream_modules,
