@@ -6,6 +6,7 @@ usage:
   load-tests/ladder.py --smoke                      the CI variant (a + c, ratio checks)
   load-tests/ladder.py check RESULT.json            the smoke checks on a result file
   load-tests/ladder.py report RESULT.json [--criterion]  rewrite goals and RESULT.md from the JSON
+  load-tests/ladder.py compare BEFORE.json AFTER.json  every row of two runs side by side
 
 scenarios:
   throughput   (a) max req/s, CPU/request at 1/8/64/256 connections: direct, passthrough
@@ -184,6 +185,11 @@ def main():
         with open(sys.argv[2][:-len(".json")] + ".md", "w") as fh:
             fh.write(md)
         print(md)
+        return 0
+    if len(sys.argv) >= 4 and sys.argv[1] == "compare":
+        # every row of two runs side by side (Markdown on stdout)
+        with open(sys.argv[2]) as fb, open(sys.argv[3]) as fa:
+            print(ladder_report.compare(json.load(fb), json.load(fa)))
         return 0
     if len(sys.argv) >= 3 and sys.argv[1] == "check":
         ap = argparse.ArgumentParser(prog="ladder.py check")

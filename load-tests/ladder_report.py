@@ -298,3 +298,99 @@ def check(path, min_over_nginx, min_over_direct):
     print("smoke ok: " + "; ".join(parts) + "; 0 coalesced chunks at 1 stream, coalescing at 256 streams "
           "below a quarter of chunks, 0 errors, every abort closed upstream")
     return 0
+
+
+def compare(before, after):
+    """Every row of two ladder runs side by side (Markdown): the figure that
+    compares across runs is each row's ratio to nginx *in its own run*; the
+    absolute figures are there to read, not to compare (a shared machine)."""
+    B, A = before["results"], after["results"]
+    o = [f"Before: `{before['meta']['timestamp']}` (git `{before['meta']['machine']['git_rev']}`); "
+         f"after: `{after['meta']['timestamp']}` (git `{after['meta']['machine']['git_rev']}`).", ""]
+
+    def ratio(x, n):
+        return f"{x / n:.2f}×" if x is not None and n else "–"
+
+    def row(cells):
+        o.append("| " + " | ".join(cells) + " |")
+
+    if "throughput" in B and "throughput" in A:
+        o += ["#### (a) throughput and CPU per request", "",
+              "| conns | target | req/s before → after | ×nginx before → after | CPU µs/req before → after "
+              "| CPU ×nginx before → after |", "|---:|---|---:|---:|---:|---:|"]
+        for c, s in A["throughput"]["summary"].items():
+            sb = B["throughput"]["summary"].get(c, {})
+            for t, x in s.items():
+                y = sb.get(t)
+                if not y:
+                    continue
+                nb, na = sb.get("nginx", {}), s.get("nginx", {})
+                row([c, LABEL.get(t, t), f"{f(y['rps'])} → {f(x['rps'])}",
+                     f"{ratio(y['rps'], nb.get('rps'))} → {ratio(x['rps'], na.get('rps'))}",
+                     f"{f(y['proxy_cpu_us_per_req'], 1)} → {f(x['proxy_cpu_us_per_req'], 1)}",
+                     f"{ratio(y['proxy_cpu_us_per_req'], nb.get('proxy_cpu_us_per_req'))} → "
+                     f"{ratio(x['proxy_cpu_us_per_req'], na.get('proxy_cpu_us_per_req'))}"])
+        o.append("")
+    if "latency" in B and "latency" in A:
+        o += ["#### (b) added latency at fixed rates", "",
+              "| rate | target | added p50 µs before → after | added p99 µs before → after |", "|---|---|---:|---:|"]
+        for k, s in A["latency"]["summary"].items():
+            for t, x in s.items():
+                y = B["latency"]["summary"].get(k, {}).get(t)
+                if y and t != "direct":
+                    row([k, LABEL.get(t, t), f"{f(y['added_p50_us'], 0, True)} → {f(x['added_p50_us'], 0, True)}",
+                         f"{f(y['added_p99_us'], 0, True)} → {f(x['added_p99_us'], 0, True)}"])
+        o.append("")
+    if "streaming" in B and "streaming" in A:
+        o += ["#### (c) streaming", "",
+              "| streams | target | added TTFT p50 / p99 µs before → after | added chunk p50 / p99 µs before → after "
+              "| coalesced before → after |", "|---:|---|---:|---:|---:|"]
+        for n, s in A["streaming"]["summary"].items():
+            for t, x in s.items():
+                y = B["streaming"]["summary"].get(n, {}).get(t)
+                if y and t != "direct":
+                    row([n, LABEL.get(t, t),
+                         f"{f(y['added_ttft_p50_us'], 0, True)} / {f(y['added_ttft_p99_us'], 0, True)} → "
+                         f"{f(x['added_ttft_p50_us'], 0, True)} / {f(x['added_ttft_p99_us'], 0, True)}",
+                         f"{f(y['added_chunk_p50_us'], 0, True)} / {f(y['added_chunk_p99_us'], 0, True)} → "
+                         f"{f(x['added_chunk_p50_us'], 0, True)} / {f(x['added_chunk_p99_us'], 0, True)}",
+                         f"{y['coalesced']:,} → {x['coalesced']:,}"])
+        o += ["", "| client abort → upstream closed | p50 µs before → after | p99 µs before → after |",
+              "|---|---:|---:|"]
+        for t, x in A["streaming"].get("abort", {}).items():
+            y = B["streaming"].get("abort", {}).get(t)
+            if y:
+                xa, ya = x["abort_to_upstream_close_us"], y["abort_to_upstream_close_us"]
+                row([LABEL.get(t, t), f"{f(ya['p50'])} → {f(xa['p50'])}", f"{f(ya['p99'])} → {f(xa['p99'])}"])
+        o.append("")
+    if "open_streams" in B and "open_streams" in A:
+        o += ["#### (d) memory per idle stream", "", "| streams | target | KiB/stream before → after |",
+              "|---:|---|---:|"]
+        for n, s in A["open_streams"]["summary"].items():
+            for t, x in s.items():
+                y = B["open_streams"]["summary"].get(n, {}).get(t)
+                if y:
+                    row([n, LABEL.get(t, t), f"{y['kib_per_stream']:.1f} → {x['kib_per_stream']:.1f}"])
+        o.append("")
+    if "body_size" in B and "body_size" in A:
+        o += ["#### (e) request size", "",
+              "| size, model | target | added p50 µs before → after | ×nginx's added before → after |",
+              "|---|---|---:|---:|"]
+        for k, s in A["body_size"]["summary"].items():
+            sb = B["body_size"]["summary"].get(k, {})
+            for t, x in s.items():
+                y = sb.get(t)
+                if y and t != "direct":
+                    row([k, LABEL.get(t, t), f"{f(y['added_p50_us'], 0, True)} → {f(x['added_p50_us'], 0, True)}",
+                         f"{ratio(y['added_p50_us'], sb.get('nginx', {}).get('added_p50_us'))} → "
+                         f"{ratio(x['added_p50_us'], s.get('nginx', {}).get('added_p50_us'))}"])
+        o.append("")
+    if "routing" in B and "routing" in A:
+        o += ["#### (f) routing and body inspection (Criterion median)", "", "| bench | before → after |",
+              "|---|---:|"]
+        for k, x in A["routing"]["benches"].items():
+            y = B["routing"]["benches"].get(k)
+            if y:
+                row([f"`{k}`", f"{f(y['median_ns'])} → {f(x['median_ns'])} ns"])
+        o.append("")
+    return "\n".join(o)
