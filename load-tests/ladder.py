@@ -194,9 +194,9 @@ def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "check":
         ap = argparse.ArgumentParser(prog="ladder.py check")
         ap.add_argument("result")
-        ap.add_argument("--min-over-nginx", type=float, default=float(os.environ.get("SMOKE_MIN_OVER_NGINX", 0.2)))
+        ap.add_argument("--min-over-nginx", type=float, default=float(os.environ.get("SMOKE_MIN_OVER_NGINX", 0.25)))
         ap.add_argument("--min-over-direct", type=float,
-                        default=float(os.environ.get("SMOKE_MIN_OVER_DIRECT", 0.1)))
+                        default=float(os.environ.get("SMOKE_MIN_OVER_DIRECT", 0.15)))
         a = ap.parse_args(sys.argv[2:])
         return ladder_report.check(a.result, a.min_over_nginx, a.min_over_direct)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,8 +213,8 @@ def main():
     out = run(args)
     log(f"done in {time.time() - started:.0f} s")
     if args.smoke:
-        return ladder_report.check(out, float(os.environ.get("SMOKE_MIN_OVER_NGINX", 0.2)),
-                                   float(os.environ.get("SMOKE_MIN_OVER_DIRECT", 0.1)))
+        return ladder_report.check(out, float(os.environ.get("SMOKE_MIN_OVER_NGINX", 0.25)),
+                                   float(os.environ.get("SMOKE_MIN_OVER_DIRECT", 0.15)))
     return 0
 
 

@@ -8,6 +8,6 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # floors from the spread measured on these shared 2-core machines (docs/performance.md)
-export SMOKE_MIN_OVER_NGINX=${SMOKE_MIN_OVER_NGINX:-0.2}
-export SMOKE_MIN_OVER_DIRECT=${SMOKE_MIN_OVER_DIRECT:-0.1}
+export SMOKE_MIN_OVER_NGINX=${SMOKE_MIN_OVER_NGINX:-0.25}
+export SMOKE_MIN_OVER_DIRECT=${SMOKE_MIN_OVER_DIRECT:-0.15}
 exec timeout 900 python3 "$HERE/ladder.py" --smoke "$@"
