@@ -16,7 +16,7 @@ STACKS=0; [ "${2:-}" = "--stacks" ] && STACKS=1
 B=$PWD/target/release
 W=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; perf probe -q -d 'probe_infergate:*' 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || perf probe -q -d 'probe_infergate:*' 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then echo "work dir kept: $W" >&2; else rm -rf "$W"; fi; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK=$(port); GW=$(port); KEY=sk-bench-0000000000000000000000000000
@@ -40,7 +40,7 @@ for spec in '_rjem_malloc size=%di:u64' '_rjem_mallocx size=%di:u64' \
   perf probe -q -x "$B/infergate" -a "$spec"
 done
 graph=(); [ $STACKS = 1 ] && graph=(--call-graph dwarf,16384)
-perf record -q -e 'probe_infergate:*' "${graph[@]}" -p $GP -o "$W/perf.data" > "$W/perf.log" 2>&1 & PP=$!
+perf record -e 'probe_infergate:*' "${graph[@]}" -p $GP -o "$W/perf.data" > "$W/perf.log" 2>&1 & PP=$!
 sleep 1
 mkfifo "$W/ctl"
 "$B/loadgen" hold --url "http://127.0.0.1:$GW/v1/chat/completions" --header "Authorization: Bearer $KEY" \
@@ -50,13 +50,14 @@ exec 3> "$W/ctl"
 for _ in $(seq 300); do [ -s "$W/hold.out" ] && break; sleep 0.1; done
 head -1 "$W/hold.out"
 sleep 1
-kill -INT $PP; wait $PP 2>/dev/null || true
+kill -INT $PP; wait $PP 2>/dev/null || true; [ -s "$W/perf.data" ] || { echo "perf recorded nothing: $(cat "$W/perf.log")" >&2; exit 1; }
 echo close >&3; exec 3>&-
-perf script -i "$W/perf.data" -F event,trace,ip,sym 2>/dev/null | python3 - "$N" "$STACKS" <<'PY'
+cat > "$W/net.py" <<'PY'
 import collections, re, sys
 n, stacks = int(sys.argv[1]), sys.argv[2] == "1"
 net, count, where = collections.Counter(), collections.Counter(), collections.defaultdict(collections.Counter)
-for rec in sys.stdin.read().split("\n\n"):
+text = sys.stdin.read()
+for rec in (text.split("\n\n") if stacks else text.splitlines()):
     m = re.search(r"probe_infergate:(\w+):.*?size=(\d+)", rec)
     if not m:
         continue
@@ -75,3 +76,5 @@ for size, v in sorted(net.items(), key=lambda kv: -kv[1])[:16]:
     if stacks and where[size]:
         print("      " + where[size].most_common(1)[0][0])
 PY
+fields=event,trace; [ $STACKS = 1 ] && fields=event,trace,ip,sym
+perf script -i "$W/perf.data" -F "$fields" 2>/dev/null | python3 "$W/net.py" "$N" "$STACKS"
