@@ -8,7 +8,8 @@
 # streams (default 200); prints the net bytes per stream by size. Needs root, perf with uprobe
 # support, and the release binaries (cargo build --release --bins). Not part of any test: a
 # diagnostic behind docs/performance.md's memory table. `--stacks` also prints the call stack
-# of each of the largest sizes (perf --call-graph dwarf: slow, large perf.data).
+# of each of the largest sizes (perf --call-graph dwarf: slow, large perf.data). KEEP=1 keeps
+# the work directory and the probes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-200}
