@@ -93,6 +93,7 @@ pub fn run(mut config: Config, options: RunOptions) -> Result<(), String> {
         grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
         upgrade_sock: app.config.server.upgrade_sock.clone(),
+        work_stealing: app.config.server.work_stealing,
         ..ServerConf::default()
     };
     first_health_checks(&app)?;

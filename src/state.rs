@@ -357,6 +357,13 @@ fn keep_restart_only(old: &Config, new: &mut Config, report: &mut Vec<String>) {
         report,
     );
     keep(
+        "server.work_stealing",
+        &o.work_stealing,
+        &mut n.work_stealing,
+        PartialEq::eq,
+        report,
+    );
+    keep(
         "server.max_connections",
         &o.max_connections,
         &mut n.max_connections,

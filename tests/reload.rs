@@ -185,17 +185,19 @@ fn reload_applies_a_new_file_and_a_bad_file_changes_nothing() {
     assert_eq!(chat(&gw, "second").0, 200);
     assert_eq!(chat(&gw, "third").0, 404);
 
-    // a listener change is reported, not applied; the rest is applied
+    // a listener or scheduler change is reported, not applied; the rest is applied
     write_atomic(
         &path,
-        &config(&[engine.addr], "fourth", "")
-            .replace("\n  listen: \"127.0.0.1:0\"", "\n  listen: \"127.0.0.1:1\""),
+        &config(&[engine.addr], "fourth", "").replace(
+            "\n  listen: \"127.0.0.1:0\"",
+            "\n  listen: \"127.0.0.1:1\"\n  work_stealing: true",
+        ),
     );
     let (status, body) = admin_reload(&gw);
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["restart_required"],
-        serde_json::json!(["server.listen"])
+        serde_json::json!(["server.listen", "server.work_stealing"])
     );
     assert_eq!(chat(&gw, "fourth").0, 200);
 

@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// Address to listen on; port 0 picks a free port at start.
     pub listen: SocketAddr,
     pub threads: usize,
+    /// Tokio work stealing between the proxy's worker threads (Pingora's
+    /// default). Off: each connection stays on the thread it was given, as in
+    /// nginx's workers; less CPU per request where cross-thread wake-ups are
+    /// dear (docs/performance.md).
+    pub work_stealing: bool,
     pub max_request_body_bytes: u64,
     pub grace_period: Duration,
     /// When set, `/admin/*` is served only on this address (e.g. loopback).

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 pub struct RawServer {
     pub listen: Option<String>,
     pub threads: Option<usize>,
+    pub work_stealing: Option<bool>,
     pub max_request_body_bytes: Option<u64>,
     pub grace_period: Option<String>,
     pub admin_listen: Option<String>,
