@@ -40,8 +40,8 @@ fn start() -> (PathBuf, Proc, Proc) {
     assert!(child.wait().unwrap().success());
     let engine = mock(&["--model", "tiny-chat"]);
     let yaml = format!(
-        // work stealing on here (the default is off), so both schedulers serve a suite
-        "server:\n  listen: \"127.0.0.1:0\"\n  threads: 2\n  work_stealing: true\npools:\n  - name: chat\n    models: [tiny-chat]\n    backends: [\"{}\"]\n    health_check: {{ path: /health, interval: 200ms }}\nfilters:\n  - auth:\n      users_file: {}\n      jwt:\n        algorithm: RS256\n        public_key_file: {TESTDATA}/rsa_public.pem\n        private_key_file: {TESTDATA}/rsa_private.pem\n        issuer: infergate-test\n        audience: chat-app\n        leeway_seconds: 5\n",
+        // work stealing off here (the default is on), so both schedulers serve a suite
+        "server:\n  listen: \"127.0.0.1:0\"\n  threads: 2\n  work_stealing: false\npools:\n  - name: chat\n    models: [tiny-chat]\n    backends: [\"{}\"]\n    health_check: {{ path: /health, interval: 200ms }}\nfilters:\n  - auth:\n      users_file: {}\n      jwt:\n        algorithm: RS256\n        public_key_file: {TESTDATA}/rsa_public.pem\n        private_key_file: {TESTDATA}/rsa_private.pem\n        issuer: infergate-test\n        audience: chat-app\n        leeway_seconds: 5\n",
         engine.addr,
         dir.join("users.yaml").display()
     );

@@ -190,7 +190,7 @@ fn reload_applies_a_new_file_and_a_bad_file_changes_nothing() {
         &path,
         &config(&[engine.addr], "fourth", "").replace(
             "\n  listen: \"127.0.0.1:0\"",
-            "\n  listen: \"127.0.0.1:1\"\n  work_stealing: true",
+            "\n  listen: \"127.0.0.1:1\"\n  work_stealing: false",
         ),
     );
     let (status, body) = admin_reload(&gw);

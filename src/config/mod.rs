@@ -60,9 +60,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub threads: usize,
     /// Tokio work stealing between the proxy's worker threads (Pingora's
-    /// default). Off: each connection stays on the thread it was given, as in
-    /// nginx's workers; less CPU per request where cross-thread wake-ups are
-    /// dear (docs/performance.md).
+    /// default, on). Off: each connection stays on the thread it was given, as
+    /// in nginx's workers (docs/performance.md: measured, not conclusive).
     pub work_stealing: bool,
     pub max_request_body_bytes: u64,
     pub grace_period: Duration,

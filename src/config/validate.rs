@@ -258,7 +258,7 @@ fn validate_server(raw: RawServer, errs: &mut Errors) -> ServerConfig {
     let server = ServerConfig {
         listen,
         threads: threads.max(1),
-        work_stealing: raw.work_stealing.unwrap_or(false),
+        work_stealing: raw.work_stealing.unwrap_or(true),
         max_request_body_bytes: max_body,
         grace_period: errs.duration("server.grace_period", raw.grace_period.as_ref(), secs(30)),
         admin_listen: raw.admin_listen.and_then(|text| {
