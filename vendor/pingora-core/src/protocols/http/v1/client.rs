@@ -364,7 +364,17 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
+                        // infergate patch (compact response head): the head and any body bytes
+                        // read with it are kept for the response's life (a token stream's can be
+                        // hours), and the header values point into them; keep them in an
+                        // allocation of their size, not in the 4 KiB read buffer, when that saves
+                        // at least 1 KiB.
+                        let read = std::mem::take(&mut self.response_header_read_buf);
+                        let buf = if read.capacity() - read.len() >= 1024 {
+                            Bytes::copy_from_slice(&read)
+                        } else {
+                            read.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
