@@ -525,18 +525,12 @@ async fn write_request(
     // own, then the body, two segments and on loopback two wake-ups of the
     // engine. A larger body still follows the header in its own writes, with
     // the socket corked so that the header rides with the first of them.
-    if body.len() <= ONE_WRITE_BODY_MAX {
+    let fd = upstream.stream().id();
+    let corked = body.len() > ONE_WRITE_BODY_MAX && super::sockopt::set_cork(fd, true);
+    let result = async {
         upstream
             .write_request_header_and_body(Box::new(req), body)
             .await?;
-        upstream.finish_body().await?;
-        return Ok(());
-    }
-    let fd = upstream.stream().id();
-    let corked = super::sockopt::set_cork(fd, true);
-    let result = async {
-        upstream.write_request_header(Box::new(req)).await?;
-        upstream.write_body(body).await?;
         upstream.finish_body().await?;
         Ok(())
     }
